@@ -1,0 +1,259 @@
+"""`LoRAConfig`: what to adapt and how, validated on construction, and its mapping to PEFT's
+`adapter_config.json` (the only config format we write, so PEFT, transformers and vLLM read it unchanged)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+#: Default targets per `model.config.model_type`, used when `target_modules` is None (PEFT's table).
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    "gpt2": ["c_attn"],
+    "gpt_neox": ["query_key_value"],
+    "gptj": ["q_proj", "v_proj"],
+    "opt": ["q_proj", "v_proj"],
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "phi": ["q_proj", "v_proj"],
+    "phi3": ["qkv_proj"],
+    "falcon": ["query_key_value"],
+    "bloom": ["query_key_value"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "distilbert": ["q_lin", "v_lin"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "t5": ["q", "v"],
+    "bart": ["q_proj", "v_proj"],
+    "vit": ["query", "value"],
+}
+
+#: The adapter_config.json keys we write: PEFT's own, nothing else (older PEFT raises on unknown keys).
+_PEFT_KEYS = (
+    "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "r", "lora_alpha",
+    "lora_dropout", "target_modules", "exclude_modules", "bias", "modules_to_save", "fan_in_fan_out",
+    "use_rslora", "use_dora", "init_lora_weights", "rank_pattern", "alpha_pattern",
+)
+_INIT_TO_PEFT = {"kaiming": True, "gaussian": "gaussian"}
+Bias = Literal["none", "all", "lora_only"]
+Init = Literal["kaiming", "gaussian"]
+Quantize = Literal["nf4"]
+
+
+class ConfigError(ValueError):
+    """A LoRA configuration that cannot work; the message names the field and how to fix it."""
+
+
+@dataclass
+class LoRAConfig:
+    """Which layers to adapt and with what low-rank update.
+
+    The adapted layer computes ``h = W0 x + s * B A x`` with ``s = alpha / r`` (``alpha / sqrt(r)`` with
+    ``use_rslora``), A random and B zero so that training starts exactly at the base model.
+
+    Args:
+        r: rank of the update (> 0).
+        alpha: scaling numerator (> 0).
+        dropout: dropout probability on the LoRA branch's input, in [0, 1).
+        target_modules: which modules to wrap. A list of names, each matching a module path exactly or as a
+            dotted suffix (``"c_attn"`` matches ``transformer.h.0.attn.c_attn``); a string, matched against
+            whole paths with ``re.fullmatch``; ``"all-linear"`` for every linear layer except the output head;
+            None to take the default for ``model.config.model_type``.
+        exclude_modules: names or a regex, matched like ``target_modules``, removed from the targets.
+        bias: which biases train: ``"none"``, ``"all"``, or ``"lora_only"`` (those of adapted layers).
+        modules_to_save: names of whole modules kept trainable and saved with the adapter (e.g. a new
+            classifier head), matched like ``target_modules``.
+        use_rslora: rank-stabilised scaling ``alpha / sqrt(r)`` (Kalajdzievski 2023).
+        use_dora: weight-decomposed LoRA (Liu et al. 2024): a trainable magnitude per output feature.
+        init: ``"kaiming"`` (A kaiming-uniform, as the paper's code) or ``"gaussian"`` (A ~ N(0, 1/r)).
+        rank_pattern: per-module rank overrides, ``{name or regex: r}``, matched like ``target_modules``.
+        alpha_pattern: per-module alpha overrides, likewise.
+        fan_in_fan_out: the base weights are stored ``[in, out]`` (GPT-2's Conv1D); set automatically.
+        quantize: ``"nf4"`` quantizes the frozen base weights of adapted layers (QLoRA).
+        base_model: the base model's id or path, written as ``base_model_name_or_path``.
+        task_type: PEFT's task type (``"CAUSAL_LM"``, ``"SEQ_CLS"``, ...), optional.
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    bias: Bias = "none"
+    modules_to_save: list[str] | None = None
+    use_rslora: bool = False
+    use_dora: bool = False
+    init: Init = "kaiming"
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    fan_in_fan_out: bool = False
+    quantize: Quantize | None = None
+    base_model: str | None = None
+    task_type: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_rank("r", self.r)
+        _check_alpha("alpha", self.alpha)
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not (
+            0.0 <= self.dropout < 1.0
+        ):
+            raise ConfigError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
+        self.target_modules = _names_or_regex("target_modules", self.target_modules)
+        self.exclude_modules = _names_or_regex("exclude_modules", self.exclude_modules)
+        if self.modules_to_save is not None:
+            self.modules_to_save = _names_or_regex("modules_to_save", list(self.modules_to_save))
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ConfigError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+        if self.init not in _INIT_TO_PEFT:
+            raise ConfigError(f"init must be 'kaiming' or 'gaussian', got {self.init!r}")
+        if self.quantize not in (None, "nf4"):
+            raise ConfigError(f"quantize must be None or 'nf4', got {self.quantize!r}")
+        for name in ("rank_pattern", "alpha_pattern"):
+            pattern = getattr(self, name)
+            if not isinstance(pattern, dict) or not all(isinstance(k, str) for k in pattern):
+                raise ConfigError(f"{name} must map module names to numbers, got {pattern!r}")
+        for key, value in self.rank_pattern.items():
+            _check_rank(f"rank_pattern[{key!r}]", value)
+        for key, value in self.alpha_pattern.items():
+            _check_alpha(f"alpha_pattern[{key!r}]", value)
+        self.alpha = float(self.alpha)
+        self.dropout = float(self.dropout)
+
+    def rank_for(self, path: str) -> int:
+        """The rank for the module at `path`: a `rank_pattern` entry if one matches, else `r`."""
+        return _pattern_lookup(self.rank_pattern, path, self.r)
+
+    def alpha_for(self, path: str) -> float:
+        """The alpha for the module at `path`: an `alpha_pattern` entry if one matches, else `alpha`."""
+        return float(_pattern_lookup(self.alpha_pattern, path, self.alpha))
+
+    def scaling(self, path: str) -> float:
+        """``alpha / r`` for the module at `path` (``alpha / sqrt(r)`` with rsLoRA)."""
+        r = self.rank_for(path)
+        return self.alpha_for(path) / (math.sqrt(r) if self.use_rslora else r)
+
+    def replace(self, **changes: Any) -> LoRAConfig:
+        """A validated copy with `changes` applied."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Primitives only (lists, dicts, numbers, strings): safe for checkpoints and YAML."""
+        return dataclasses.asdict(self)
+
+    def to_peft_dict(self) -> dict[str, Any]:
+        """PEFT's `adapter_config.json` content: PEFT's keys only."""
+        targets = self.target_modules
+        out = {
+            "peft_type": "LORA",
+            "task_type": self.task_type,
+            "base_model_name_or_path": self.base_model,
+            "revision": None,
+            "inference_mode": True,
+            "r": self.r,
+            "lora_alpha": self.alpha,
+            "lora_dropout": self.dropout,
+            "target_modules": sorted(targets) if isinstance(targets, list) else targets,
+            "exclude_modules": self.exclude_modules,
+            "bias": self.bias,
+            "modules_to_save": self.modules_to_save,
+            "fan_in_fan_out": self.fan_in_fan_out,
+            "use_rslora": self.use_rslora,
+            "use_dora": self.use_dora,
+            "init_lora_weights": _INIT_TO_PEFT[self.init],
+            "rank_pattern": dict(self.rank_pattern),
+            "alpha_pattern": dict(self.alpha_pattern),
+        }
+        assert set(out) == set(_PEFT_KEYS)
+        return out
+
+    @classmethod
+    def from_peft_dict(cls, data: dict[str, Any]) -> LoRAConfig:
+        """Read PEFT's `adapter_config.json` content; raises ConfigError for anything we cannot honour."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"adapter_config.json must hold a JSON object, got {type(data).__name__}")
+        peft_type = data.get("peft_type")
+        if peft_type != "LORA":
+            raise ConfigError(f"peft_type must be 'LORA', got {peft_type!r}: only LoRA adapters are supported")
+        init = data.get("init_lora_weights", True)
+        if init not in (True, "gaussian"):
+            raise ConfigError(f"init_lora_weights={init!r} is not supported; use true or 'gaussian'")
+        unsupported = {
+            k: data[k]
+            for k in ("layers_to_transform", "layer_replication", "use_qalora", "lora_bias", "target_parameters")
+            if data.get(k) not in (None, False, [], {})
+        }
+        if unsupported:
+            raise ConfigError(f"unsupported PEFT options in adapter_config.json: {unsupported}")
+        return cls(
+            r=data.get("r", 8),
+            alpha=data.get("lora_alpha", 8),
+            dropout=data.get("lora_dropout", 0.0) or 0.0,
+            target_modules=data.get("target_modules"),
+            exclude_modules=data.get("exclude_modules"),
+            bias=data.get("bias", "none"),
+            modules_to_save=data.get("modules_to_save"),
+            use_rslora=bool(data.get("use_rslora", False)),
+            use_dora=bool(data.get("use_dora", False)),
+            init="gaussian" if init == "gaussian" else "kaiming",
+            rank_pattern=data.get("rank_pattern") or {},
+            alpha_pattern=data.get("alpha_pattern") or {},
+            fan_in_fan_out=bool(data.get("fan_in_fan_out", False)),
+            base_model=data.get("base_model_name_or_path"),
+            task_type=data.get("task_type"),
+        )
+
+
+def matches(spec: list[str] | str | None, path: str) -> bool:
+    """Whether module `path` is selected by `spec`: a list of exact paths or dotted suffixes, or a regex
+    string matched against the whole path. The one place that decides target matching."""
+    if spec is None:
+        return False
+    if isinstance(spec, str):
+        return re.fullmatch(spec, path) is not None
+    return any(path == name or path.endswith("." + name) for name in spec)
+
+
+def _pattern_lookup(pattern: dict[str, Any], path: str, default: Any) -> Any:
+    # PEFT's rule: a key matches as a dotted suffix, or as a regex over the whole path.
+    for key, value in pattern.items():
+        if path == key or path.endswith("." + key) or re.fullmatch(key, path):
+            return value
+    return default
+
+
+def _check_rank(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{name} must be a positive integer (e.g. 8), got {value!r}")
+    if value > 65536:
+        raise ConfigError(f"{name}={value} is implausibly large for a low-rank adapter (at most 65536)")
+
+
+def _check_alpha(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{name} must be a positive number (e.g. 16), got {value!r}")
+
+
+def _names_or_regex(name: str, value: Any) -> list[str] | str | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value == "all-linear":
+            return value
+        try:
+            re.compile(value)
+        except re.error as err:
+            raise ConfigError(f"{name}={value!r} is not a valid regular expression: {err}") from None
+        return value
+    if isinstance(value, (list, tuple, set)) and all(isinstance(v, str) and v for v in value):
+        if not value:
+            raise ConfigError(f"{name} is an empty list; name at least one module or leave it None")
+        return sorted(set(value)) if isinstance(value, set) else list(value)
+    raise ConfigError(f"{name} must be a list of module names, a regex string or 'all-linear', got {value!r}")

@@ -1,0 +1,251 @@
+"""Putting LoRA into a model and taking it out: target resolution, wrapping, freezing, named adapters,
+merge / unmerge / unload. The one place that decides which modules are targets.
+
+The model is changed in place (no wrapper class around it), so a LightningModule, DDP and `torch.compile`
+see an ordinary module tree. What was injected is recorded in ``model._lora_configs`` (name -> config).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+
+from torch import nn
+
+from .config import DEFAULT_TARGETS, ConfigError, LoRAConfig, matches
+from .layers import LoRALayer, LoRALinear, lora_class_for
+from .summary import LoRASummary, summarize
+
+_REGISTRY = "_lora_configs"
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALayer]]:
+    """``(path, layer)`` for every LoRA layer in `model`."""
+    for path, module in model.named_modules():
+        if isinstance(module, LoRALayer):
+            yield path, module
+
+
+def adapter_configs(model: nn.Module) -> dict[str, LoRAConfig]:
+    """The adapters injected into `model`, name -> config (resolved targets), in injection order."""
+    return getattr(model, _REGISTRY, {})
+
+
+def resolve_config(model: nn.Module, config: LoRAConfig) -> LoRAConfig:
+    """`config` with ``target_modules`` filled in from the model type's defaults when it is None."""
+    if config.target_modules is not None:
+        return config
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in DEFAULT_TARGETS:
+        raise ConfigError(
+            f"no default target_modules for model type {model_type!r}; set target_modules, e.g. to one of "
+            f"{_candidate_names(model)[:12]} or 'all-linear'"
+        )
+    return config.replace(target_modules=list(DEFAULT_TARGETS[model_type]))
+
+
+def find_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
+    """Paths of the modules `config` adapts, in module order. Raises ConfigError, listing the model's
+    candidate names, when nothing matches or a match cannot be adapted."""
+    config = resolve_config(model, config)
+    spec = config.target_modules
+    all_linear = spec == "all-linear"
+    head = _output_head(model) if all_linear else None
+    inside_lora = [p + "." for p, _ in lora_layers(model)]
+    targets = []
+    for path, module in model.named_modules():
+        if not path or any(path.startswith(p) for p in inside_lora):
+            continue
+        if matches(config.exclude_modules, path) or matches(config.modules_to_save, path):
+            continue
+        if all_linear:
+            if module is head or lora_class_for(module) is not LoRALinear and not isinstance(module, LoRALinear):
+                continue
+        elif not matches(spec, path):
+            continue
+        if not isinstance(module, LoRALayer) and lora_class_for(module) is None:
+            raise ConfigError(
+                f"target {path!r} is a {type(module).__name__}, which LoRA cannot wrap (supported: Linear, "
+                f"Conv1D, Embedding, Conv1d/2d/3d); name its linear sub-layers instead, e.g. "
+                f"{_candidate_names(module)[:8]}"
+            )
+        targets.append(path)
+    if not targets:
+        raise ConfigError(
+            f"target_modules={spec!r} matches no module of {type(model).__name__}; candidate names: "
+            f"{_candidate_names(model)}"
+        )
+    return targets
+
+
+def inject(
+    model: nn.Module, config: LoRAConfig | None = None, adapter_name: str = "default", **fields
+) -> LoRASummary:
+    """Wrap `config`'s targets of `model` in LoRA layers (in place), make adapter `adapter_name` the active
+    and only trainable one, and freeze everything else except ``modules_to_save`` and the ``bias`` mode.
+
+    Pass a `LoRAConfig`, its fields as keyword arguments, or both (fields override). Injecting the same
+    adapter again is a no-op; the same name with another config raises. Returns the parameter summary.
+    """
+    config = (config or LoRAConfig()).replace(**fields) if fields else (config or LoRAConfig())
+    config = resolve_config(model, config)
+    _check_name(adapter_name)
+    registry = adapter_configs(model)
+    if adapter_name in registry:
+        if registry[adapter_name].replace(fan_in_fan_out=config.fan_in_fan_out) != config:
+            raise ConfigError(
+                f"adapter {adapter_name!r} is already injected with a different config; delete_adapter it first "
+                f"or choose another adapter_name"
+            )
+        return summarize(model)
+    targets = find_targets(model, config)
+    if any(isinstance(m, LoRALayer) and m.merged_adapters for _, m in lora_layers(model)):
+        raise RuntimeError("the model has merged adapters; unmerge(model) before injecting another adapter")
+    if config.use_dora:
+        raise ConfigError("use_dora is not supported yet")
+    if config.quantize:
+        from .quant import quantize_targets  # optional backends, imported only when asked for
+
+        quantize_targets(model, targets, config)
+    fan_in_fan_out = False
+    for path in targets:
+        layer = _wrap(model, path)
+        layer.add_adapter(adapter_name, config.rank_for(path), config.scaling(path), config.dropout, config.init)
+        fan_in_fan_out |= getattr(layer, "fan_in_fan_out", False)
+    config = config.replace(fan_in_fan_out=fan_in_fan_out)
+    if not hasattr(model, _REGISTRY):
+        model._lora_configs = {}
+    model._lora_configs[adapter_name] = config
+    set_adapter(model, adapter_name)
+    return summarize(model)
+
+
+def set_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Make `adapter_name` the active adapter: used in forward and the only one that trains."""
+    config = _config(model, adapter_name)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for _, layer in lora_layers(model):
+        layer.active_adapters = [adapter_name] if adapter_name in layer.lora_a else []
+        if adapter_name in layer.lora_a:
+            for param in layer.adapter_params(adapter_name):
+                param.requires_grad_(True)
+    for param in extra_trainable(model, config).values():
+        param.requires_grad_(True)
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[None]:
+    """Within the block, `model` computes the base model's output (the adapters are bypassed)."""
+    layers = [layer for _, layer in lora_layers(model)]
+    if any(layer.merged_adapters for layer in layers):
+        raise RuntimeError("adapters are merged into the base weights; unmerge(model) before disabling them")
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.disabled = False
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Remove adapter `adapter_name`; layers left with no adapter are replaced by their base layer."""
+    _config(model, adapter_name)
+    for path, layer in list(lora_layers(model)):
+        if adapter_name in layer.lora_a:
+            layer.delete_adapter(adapter_name)
+            if not layer.lora_a:
+                _replace(model, path, layer.base_layer)
+    del model._lora_configs[adapter_name]
+    remaining = list(model._lora_configs)
+    if remaining:
+        set_adapter(model, remaining[-1])
+
+
+def merge(model: nn.Module) -> None:
+    """Fold the active adapter into the base weights, in place; forward then costs what the base costs.
+    Raises if it is already merged (merging twice would add the update twice)."""
+    for _, layer in lora_layers(model):
+        layer.merge()
+
+
+def unmerge(model: nn.Module) -> None:
+    """Take every merged adapter back out of the base weights (exact up to floating-point rounding)."""
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """The plain model: the active adapter merged into the base weights and every LoRA layer replaced by its
+    original module, so it runs exactly as fast as the base. Changes `model` in place and returns it."""
+    for path, layer in list(lora_layers(model)):
+        if not layer.merged_adapters:
+            layer.merge()
+        _replace(model, path, layer.base_layer)
+    if hasattr(model, _REGISTRY):
+        del model._lora_configs
+    return model
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, object]:
+    """Every trainable tensor by its ``state_dict`` name (the adapter, modules_to_save, trained biases)."""
+    keep = {name for name, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in model.state_dict(keep_vars=True).items() if k in keep}
+
+
+def extra_trainable(model: nn.Module, config: LoRAConfig) -> dict[str, nn.Parameter]:
+    """Parameters that train beside A and B, by name: ``modules_to_save`` and the ``bias`` mode's biases."""
+    lora_paths = {path for path, _ in lora_layers(model)}
+    out = {}
+    for path, module in model.named_modules():
+        prefix = path + "." if path else ""
+        if path and matches(config.modules_to_save, path):
+            out.update({prefix + n: p for n, p in module.named_parameters()})
+        bias = module._parameters.get("bias")
+        if bias is None:
+            continue
+        owner = path.removesuffix(".base_layer")
+        if config.bias == "all" or (config.bias == "lora_only" and owner != path and owner in lora_paths):
+            out[prefix + "bias"] = bias
+    return out
+
+
+def _wrap(model: nn.Module, path: str) -> LoRALayer:
+    module = model.get_submodule(path)
+    if isinstance(module, LoRALayer):
+        return module
+    layer = lora_class_for(module)(module)
+    _replace(model, path, layer)
+    return layer
+
+
+def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def _config(model: nn.Module, adapter_name: str) -> LoRAConfig:
+    registry = adapter_configs(model)
+    if adapter_name not in registry:
+        raise KeyError(f"no adapter named {adapter_name!r}; the model has {list(registry) or 'none'}")
+    return registry[adapter_name]
+
+
+def _check_name(adapter_name: str) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}", adapter_name or ""):
+        raise ConfigError(
+            f"adapter_name {adapter_name!r} must be 1-64 letters, digits, '_' or '-' (it names a folder and a key)"
+        )
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_output_embeddings", None)
+    return get() if callable(get) else None
+
+
+def _candidate_names(model: nn.Module) -> list[str]:
+    """Distinct leaf names of the modules LoRA can wrap, for error messages."""
+    names = {p.rsplit(".", 1)[-1] for p, m in model.named_modules() if p and lora_class_for(m) is not None}
+    return sorted(names)

@@ -1,0 +1,384 @@
+"""Adapters on disk in exactly PEFT's format, read and written safely.
+
+A folder holds ``adapter_config.json`` (PEFT's keys only) and ``adapter_model.safetensors`` whose keys are
+``base_model.model.<module path>.lora_A.weight`` etc.; an adapter not named ``default`` lives in a subfolder
+of that name. Our own metadata (library version, base model, a fingerprint of the targeted base layers'
+names and shapes, training figures) travels in the safetensors header metadata under ``lightning_lora.*``.
+
+Loading is all-or-nothing: the files are checked against the model (keys, shapes, dtypes, finite values,
+fingerprint) before the model is touched. Only safetensors are read: never a pickle. Every file is written
+through a temporary file in the same folder and renamed over the target.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import ConfigError, LoRAConfig
+from .inject import adapter_configs, extra_trainable, find_targets, inject, lora_layers, resolve_config
+from .layers import LoRALayer, lora_class_for
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+CARD_NAME = "README.md"
+PREFIX = "base_model.model."
+META = "lightning_lora."
+#: LoRA parameter kinds and their saved suffix: PEFT's A/B are nn.Linear modules (hence ``.weight``).
+_KIND_SUFFIX = {
+    "lora_A": "lora_A.weight", "lora_B": "lora_B.weight",
+    "lora_embedding_A": "lora_embedding_A", "lora_embedding_B": "lora_embedding_B",
+    "lora_magnitude_vector": "lora_magnitude_vector",
+}
+_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
+_MAX_HEADER = 100 * 1024 * 1024
+_MAX_CONFIG = 1024 * 1024
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot be read or does not fit the model; the message names the file or key."""
+
+
+@dataclass
+class AdapterInfo:
+    """What `validate_adapter` learned about an adapter folder without loading a model."""
+
+    path: Path
+    config: LoRAConfig
+    base_model: str | None
+    num_params: int
+    size_bytes: int
+    shapes: dict[str, tuple[int, ...]]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+# -- writing -----------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it is fsynced and renamed over `path`, on failure
+    removed. Readers see the old file or the new one, never a half-written one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` atomically."""
+    with atomic_write(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def adapter_dir(directory: str | os.PathLike, adapter_name: str = "default") -> Path:
+    """PEFT's layout: the default adapter in `directory`, any other in ``directory/<adapter_name>``."""
+    return Path(directory) if adapter_name == "default" else Path(directory) / adapter_name
+
+
+def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT's keys: A, B (and DoRA magnitudes), plus modules_to_save and biases."""
+    config = adapter_configs(model)[adapter_name]
+    out = {}
+    for path, layer in lora_layers(model):
+        for kind, params in layer.named_children():
+            if kind in _KIND_SUFFIX and adapter_name in params:
+                out[_key(f"{path}.{_KIND_SUFFIX[kind]}")] = params[adapter_name]
+    for name, param in extra_trainable(model, config).items():
+        out[_key(name)] = param
+    return {k: v.detach() for k, v in out.items()}
+
+
+def save_adapter(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    adapter_name: str = "default",
+    base_model: str | None = None,
+    metadata: dict[str, str] | None = None,
+    card: str | None = None,
+) -> Path:
+    """Write adapter `adapter_name` of `model` in PEFT's format; returns the folder written.
+
+    `base_model` (default: the config's, else ``model.config._name_or_path``) goes in the config;
+    `metadata` (string values) goes in the safetensors header as ``lightning_lora.<key>``; `card`, if given,
+    is written as README.md. Each file is replaced atomically, weights first.
+    """
+    registry = adapter_configs(model)
+    if adapter_name not in registry:
+        raise KeyError(f"no adapter named {adapter_name!r} to save; the model has {list(registry) or 'none'}")
+    config = registry[adapter_name]
+    base_model = base_model or config.base_model or _name_or_path(model)
+    config = config.replace(base_model=base_model)
+    if config.target_modules == "all-linear":  # write what was matched, so every PEFT version reads it alike
+        leaves = {path.rsplit(".", 1)[-1] for path, layer in lora_layers(model) if adapter_name in layer.lora_a}
+        config = config.replace(target_modules=sorted(leaves))
+    out = adapter_dir(directory, adapter_name)
+    tensors = {k: v.to("cpu").contiguous() for k, v in adapter_state_dict(model, adapter_name).items()}
+    header = {"format": "pt", META + "version": _version(), META + "fingerprint": fingerprint(model, adapter_name)}
+    if base_model:
+        header[META + "base_model"] = base_model
+    header.update({META + k: str(v) for k, v in (metadata or {}).items()})
+    from safetensors.torch import save_file
+
+    with atomic_write(out / WEIGHTS_NAME) as tmp:
+        save_file(tensors, str(tmp), metadata=header)
+    write_text(out / CONFIG_NAME, json.dumps(config.to_peft_dict(), indent=2, sort_keys=True) + "\n")
+    if card is not None:
+        write_text(out / CARD_NAME, card)
+    return out
+
+
+def fingerprint(model: nn.Module, adapter_name: str = "default") -> str:
+    """sha256 over the adapted layers' paths and base shapes: equal for the same architecture and targets."""
+    return _fingerprint((p, layer) for p, layer in lora_layers(model) if adapter_name in layer.lora_a)
+
+
+# -- reading -----------------------------------------------------------------------------------------------
+def read_config(directory: str | os.PathLike) -> LoRAConfig:
+    """Parse ``adapter_config.json`` in `directory` into a LoRAConfig; AdapterError if it is bad."""
+    path = _inside(Path(directory), CONFIG_NAME)
+    if path.stat().st_size > _MAX_CONFIG:
+        raise AdapterError(f"{path} is {path.stat().st_size} bytes; an adapter config is a few hundred")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return LoRAConfig.from_peft_dict(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterError(f"{path} is not valid JSON: {err}") from None
+    except (ConfigError, TypeError) as err:
+        raise AdapterError(f"{path}: {err}") from None
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict[str, dict], dict[str, str]]:
+    """The safetensors header of `path` (tensor entries, metadata), checked against the file's size so that
+    a truncated file or one whose header lies about offsets is refused before any tensor is read."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise AdapterError(f"{path} is truncated: {size} bytes, not even a safetensors header length")
+        n = int.from_bytes(head, "little")
+        if n > _MAX_HEADER or 8 + n > size:
+            raise AdapterError(f"{path}: header length {n} does not fit a {size}-byte file (truncated or corrupt)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise AdapterError(f"{path}: the safetensors header is not valid JSON (corrupt file)") from None
+    if not isinstance(header, dict):
+        raise AdapterError(f"{path}: the safetensors header is not a JSON object (corrupt file)")
+    metadata = header.pop("__metadata__", None) or {}
+    spans = []
+    for key, entry in header.items():
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            raise AdapterError(f"{path}: tensor {key!r} has a malformed header entry") from None
+        if dtype not in _DTYPES:
+            raise AdapterError(f"{path}: tensor {key!r} has dtype {dtype}; adapters hold float tensors only")
+        if not all(isinstance(d, int) and d >= 0 for d in shape) or not 0 <= begin <= end:
+            raise AdapterError(f"{path}: tensor {key!r} has an invalid shape or offsets")
+        if (end - begin) != math.prod(shape) * _DTYPES[dtype]:
+            raise AdapterError(f"{path}: tensor {key!r}: offsets span {end - begin} bytes, shape needs "
+                               f"{math.prod(shape) * _DTYPES[dtype]} (corrupt file)")
+        spans.append((begin, end))
+    if spans and max(e for _, e in spans) != size - 8 - n:
+        raise AdapterError(f"{path}: data section is {size - 8 - n} bytes but the header describes "
+                           f"{max(e for _, e in spans)} (truncated or corrupt file)")
+    spans.sort()
+    if any(b < e_prev for (_, e_prev), (b, _) in zip(spans, spans[1:])):
+        raise AdapterError(f"{path}: tensors overlap in the data section (corrupt file)")
+    return header, {str(k): str(v) for k, v in metadata.items()}
+
+
+def validate_adapter(directory: str | os.PathLike) -> AdapterInfo:
+    """Check an adapter folder without a model: config, safetensors header, key names and r against the
+    config. Returns what it found; raises AdapterError naming the problem."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise AdapterError(f"{directory} is not a folder holding an adapter")
+    config = read_config(directory)
+    weights = _weights_path(directory)
+    header, metadata = read_header(weights)
+    shapes = {k: tuple(v["shape"]) for k, v in header.items()}
+    modules: dict[str, dict[str, tuple[int, ...]]] = {}
+    for key, shape in shapes.items():
+        if not key.startswith(PREFIX):
+            raise AdapterError(f"{weights}: key {key!r} lacks PEFT's {PREFIX!r} prefix{_hint(key)}")
+        for kind, suffix in _KIND_SUFFIX.items():
+            if key.endswith("." + suffix):
+                modules.setdefault(key[len(PREFIX):-len(suffix) - 1], {})[kind] = shape
+    if not modules:
+        raise AdapterError(f"{weights} holds no LoRA tensors (no lora_A / lora_B keys)")
+    for path, kinds in modules.items():
+        a, b = (kinds.get("lora_A") or kinds.get("lora_embedding_A"), kinds.get("lora_B") or kinds.get("lora_embedding_B"))
+        if a is None or b is None:
+            raise AdapterError(f"{weights}: module {path!r} has only one of its two LoRA factors{_hint(path)}")
+        r = config.rank_for(path)
+        if a[0] != r or b[1] != r:
+            raise AdapterError(f"{weights}: module {path!r} has rank {a[0]}x{b[1]} but adapter_config.json says r={r}")
+    size = sum(p.stat().st_size for p in directory.iterdir() if p.is_file())
+    return AdapterInfo(
+        path=directory,
+        config=config,
+        base_model=config.base_model or metadata.get(META + "base_model"),
+        num_params=sum(math.prod(s) for s in shapes.values()),
+        size_bytes=size,
+        shapes=shapes,
+        metadata=metadata,
+    )
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default") -> LoRAConfig:
+    """Load a PEFT-format adapter into `model` as `adapter_name` (injecting it if needed) and activate it.
+
+    All-or-nothing: every key, shape, dtype and value is checked against the model before it changes, and
+    any missing, unexpected or mis-shaped key, a different base (fingerprint), a non-finite value or a
+    corrupt file raises AdapterError naming it, with the model untouched.
+    """
+    directory = Path(directory)
+    if adapter_name != "default" and (directory / adapter_name / CONFIG_NAME).is_file():
+        directory = directory / adapter_name
+    info = validate_adapter(directory)
+    config = resolve_config(model, info.config)
+    existing = adapter_configs(model).get(adapter_name)
+    if existing is not None and existing.replace(fan_in_fan_out=config.fan_in_fan_out, base_model=None) != \
+            config.replace(base_model=None):
+        raise AdapterError(f"the model already has an adapter {adapter_name!r} with another config; choose another "
+                           f"adapter_name or delete_adapter it first")
+    expected = _expected_shapes(model, config) if existing is None else {
+        k: tuple(v.shape) for k, v in adapter_state_dict(model, adapter_name).items()
+    }
+    _check_keys(directory, expected, info.shapes)
+    if existing is None:
+        want = info.metadata.get(META + "fingerprint")
+        if want and want != _fingerprint((p, _probe(model, p)) for p in find_targets(model, config)):
+            raise AdapterError(f"{directory} was trained on a different base model (layer fingerprint differs)")
+    tensors = _load_tensors(_weights_path(directory))
+    if existing is None:
+        inject(model, config, adapter_name)
+    targets = adapter_state_dict(model, adapter_name)
+    with torch.no_grad():
+        for key, tensor in tensors.items():
+            targets[key].copy_(tensor)
+    return config
+
+
+# -- helpers -----------------------------------------------------------------------------------------------
+def _key(param_name: str) -> str:
+    return PREFIX + _strip(param_name)
+
+
+def _strip(path: str) -> str:
+    """Drop the ``_orig_mod.`` segments that `torch.compile` adds to module paths."""
+    return ".".join(p for p in path.split(".") if p != "_orig_mod")
+
+
+def _hint(key: str) -> str:
+    if ".default." in key or key.endswith(".default"):
+        return " (it contains PEFT's in-memory adapter name '.default.'; save with PeftModel.save_pretrained)"
+    return ""
+
+
+def _inside(directory: Path, name: str) -> Path:
+    path = directory / name
+    if not path.exists():
+        raise AdapterError(f"{directory} has no {name}")
+    if path.is_symlink() and not path.resolve().is_relative_to(directory.resolve()):
+        raise AdapterError(f"{path} is a symlink pointing outside the adapter folder; refusing to follow it")
+    return path
+
+
+def _weights_path(directory: Path) -> Path:
+    if not (directory / WEIGHTS_NAME).exists() and (directory / "adapter_model.bin").exists():
+        raise AdapterError(
+            f"{directory} holds adapter_model.bin, a pickle, which can run arbitrary code when loaded; convert it "
+            f"to {WEIGHTS_NAME} in a trusted environment (PeftModel.save_pretrained(..., safe_serialization=True))"
+        )
+    return _inside(directory, WEIGHTS_NAME)
+
+
+def _probe(model: nn.Module, path: str) -> LoRALayer:
+    module = model.get_submodule(path)
+    return module if isinstance(module, LoRALayer) else lora_class_for(module)(module)
+
+
+def _expected_shapes(model: nn.Module, config: LoRAConfig) -> dict[str, tuple[int, ...]]:
+    """The keys and shapes injecting `config` would create, computed without changing `model`."""
+    out = {}
+    for path in find_targets(model, config):
+        layer = _probe(model, path)
+        shape_a, shape_b = layer._shapes(config.rank_for(path))
+        out[_key(f"{path}.{_KIND_SUFFIX[layer.A_NAME]}")] = shape_a
+        out[_key(f"{path}.{_KIND_SUFFIX[layer.B_NAME]}")] = shape_b
+    # modules_to_save and bias parameters keep their paths, under base_layer once their module is wrapped.
+    targets = set(find_targets(model, config))
+    extra = {n: tuple(p.shape) for n, p in extra_trainable(model, config).items()}
+    if config.bias == "lora_only":
+        extra.update({f"{t}.bias": tuple(b.shape) for t in targets
+                      if (b := model.get_submodule(t)._parameters.get("bias")) is not None})
+    for name, shape in extra.items():
+        owner, _, leaf = name.rpartition(".")
+        out[_key(f"{owner}.base_layer.{leaf}" if owner in targets else name)] = shape
+    return out
+
+
+def _fingerprint(layers: Iterator[tuple[str, LoRALayer]]) -> str:
+    entries = sorted((_strip(path), list(layer._shapes(1)[0][1:]), layer._shapes(1)[1][0]) for path, layer in layers)
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+
+
+def _check_keys(directory: Path, expected: dict[str, tuple], found: dict[str, tuple]) -> None:
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
+                         f"{_hint(unexpected[0])}")
+        raise AdapterError(f"{directory / WEIGHTS_NAME} does not fit this model: {'; '.join(parts)}")
+    for key, shape in expected.items():
+        if tuple(found[key]) != tuple(shape):
+            raise AdapterError(f"{directory / WEIGHTS_NAME}: {key} has shape {list(found[key])}, the model "
+                               f"needs {list(shape)} (an adapter for another base or rank?)")
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise AdapterError(f"{path} is not a readable safetensors file: {err}") from None
+    for key, tensor in tensors.items():
+        if not torch.isfinite(tensor).all():
+            raise AdapterError(f"{path}: tensor {key} holds NaN or Inf values; refusing to load a diverged adapter")
+    return tensors
+
+
+def _name_or_path(model: nn.Module) -> str | None:
+    return getattr(getattr(model, "config", None), "_name_or_path", None) or None
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
