@@ -1,0 +1,378 @@
+"""The hub verbs: push, pull, versions, merge, info. Each is a few `huggingface_hub` calls, so they work against
+the real Hub and against `lora-hub serve` alike (``endpoint=`` or ``HF_ENDPOINT``).
+
+A version is a git tag ``v<semver>`` on a commit of ``main``. A push validates the adapter before sending
+anything, uploads every file and the model card in one commit whose parent is the head it saw (so a racing push
+fails instead of mixing files), then tags it; the tag is what makes the version visible, so a push killed at any
+point leaves the published versions as they were, and pushing again finishes it. A pull resolves the version
+to its commit, downloads that snapshot into the client's cache, and checks every file against the hash the hub
+holds for it (git blob sha1, or sha256 for LFS files) before validating the adapter. Offline
+(``HF_HUB_OFFLINE=1``) the tags and hashes the cache recorded on the last pull are used instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import huggingface_hub
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+from huggingface_hub import errors as hf_errors
+from huggingface_hub.file_download import repo_folder_name
+
+from lightning_lora.card import render_card
+from lightning_lora.io import CARD_NAME, AdapterError, AdapterInfo, atomic_write, validate_adapter
+
+from .errors import (
+    AuthError,
+    HubError,
+    IntegrityError,
+    InvalidAdapter,
+    PushIncomplete,
+    RepoNotFound,
+    Unreachable,
+    VersionExists,
+    VersionNotFound,
+)
+from .merging import merge_into
+from .versions import FIRST, Range, Version, check_repo_id, from_tags, parse_spec
+
+_BASE_LINE = "base_model: "
+_CHUNK = 1 << 20
+_DATE = "%Y-%m-%d %H:%M"
+
+
+@dataclass(frozen=True)
+class PushResult:
+    repo_id: str
+    version: Version
+    commit: str
+    url: str
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    version: Version
+    commit: str
+    date: str
+    message: str
+    base_model: str | None
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    path: Path
+    max_diff: float
+    dtype: str
+    url: str | None = None
+
+
+# -- push --------------------------------------------------------------------------------------------------
+def push(
+    adapter_dir: str | os.PathLike,
+    repo_id: str,
+    version: str | Version | None = None,
+    message: str | None = None,
+    private: bool = True,
+    endpoint: str | None = None,
+    token: str | None = None,
+) -> PushResult:
+    """Publish the adapter in `adapter_dir` as `version` of `repo_id` (default: the latest patch + 1, or 1.0.0).
+
+    Raises InvalidAdapter before anything is sent, VersionExists (nothing changed) if the version is taken,
+    PushIncomplete if the commit landed but the tag did not (pushing again finishes it).
+    """
+    repo_id = check_repo_id(repo_id)
+    wanted = version if isinstance(version, Version) or version is None else Version.parse(version)
+    info = _validate(adapter_dir)
+    api = HfApi(endpoint=endpoint, token=token)
+    with _translate(api, repo_id):
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        refs = api.list_repo_refs(repo_id)
+        published = {v: t.target_commit for v, t in _version_tags(refs).items()}
+        new = wanted or (max(published).bump_patch() if published else FIRST)
+        if new in published:
+            raise VersionExists(f"{repo_id} already has version {new} (commit {published[new][:12]}); versions are "
+                                f"never overwritten, nothing was changed: push as {max(published).bump_patch()}")
+        head = next((b.target_commit for b in refs.branches if b.name == "main"), None)
+        title = message or f"Push version {new}"
+        history = _history(api, repo_id, refs, head)
+        today = datetime.now(timezone.utc).strftime(_DATE)
+        card = render_card(info, repo_id=repo_id, versions=[_row(VersionInfo(new, "", today, title, None))] +
+                           [_row(v) for v in reversed(history)])
+        ops = _operations(api, repo_id, head, Path(adapter_dir), card)
+        commit = api.create_commit(repo_id, ops, commit_message=title, parent_commit=head,
+                                   commit_description=f"lora-hub version: {new}\n{_BASE_LINE}{info.base_model or ''}")
+    try:
+        with _translate(api, repo_id):
+            api.create_tag(repo_id, tag=new.tag, revision=commit.oid, tag_message=title)
+    except VersionExists:
+        raise VersionExists(f"{repo_id} version {new} was published by another push while this one ran; commit "
+                            f"{commit.oid[:12]} stays untagged on main, no version changed") from None
+    except HubError as err:
+        raise PushIncomplete(f"committed {commit.oid[:12]} to {repo_id} but tagging {new.tag} failed ({err}); "
+                             f"version {new} is not visible yet: run the same push again to finish it") from None
+    return PushResult(repo_id, new, commit.oid, commit.commit_url)
+
+
+def _operations(api: HfApi, repo_id: str, head: str | None, directory: Path, card: str) -> list:
+    """Add every top-level file of the adapter folder and the card; delete what the last version had beyond."""
+    files = sorted(p for p in directory.iterdir()
+                   if p.is_file() and not p.is_symlink() and not p.name.startswith(".") and p.name != CARD_NAME)
+    ops: list = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p)) for p in files]
+    ops.append(CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=card.encode("utf-8")))
+    keep = {op.path_in_repo for op in ops} | {".gitattributes"}
+    if head is not None:
+        ops += [CommitOperationDelete(path_in_repo=f) for f in api.list_repo_files(repo_id, revision=head)
+                if f not in keep]
+    return ops
+
+
+# -- versions ----------------------------------------------------------------------------------------------
+def versions(repo_id: str, endpoint: str | None = None, token: str | None = None) -> list[VersionInfo]:
+    """The published versions of `repo_id`, oldest first (semver order), with commit, date, message, base."""
+    repo_id = check_repo_id(repo_id)
+    api = HfApi(endpoint=endpoint, token=token)
+    with _translate(api, repo_id):
+        refs = api.list_repo_refs(repo_id)
+        head = next((b.target_commit for b in refs.branches if b.name == "main"), None)
+        return _history(api, repo_id, refs, head)
+
+
+def _history(api: HfApi, repo_id: str, refs, head: str | None) -> list[VersionInfo]:
+    tags = _version_tags(refs)
+    if not tags:
+        return []
+    commits = {c.commit_id: c for c in api.list_repo_commits(repo_id, revision=head)} if head else {}
+    out = []
+    for version in sorted(tags):
+        sha = tags[version].target_commit
+        commit = commits.get(sha)
+        base = None
+        if commit is not None:
+            base = next((line[len(_BASE_LINE):].strip() for line in (commit.message or "").splitlines()
+                         if line.startswith(_BASE_LINE)), None) or None
+        out.append(VersionInfo(version, sha, commit.created_at.strftime(_DATE) if commit else "",
+                               commit.title if commit else "", base))
+    return out
+
+
+def _version_tags(refs) -> dict[Version, object]:
+    by_name = {t.name: t for t in refs.tags}
+    return {v: by_name[name] for v, name in from_tags(by_name).items()}
+
+
+def _row(v: VersionInfo) -> dict[str, str]:
+    return {"version": str(v.version), "commit": v.commit[:12] or "this commit", "date": v.date, "message": v.message}
+
+
+# -- pull --------------------------------------------------------------------------------------------------
+def pull(
+    spec: str,
+    local_dir: str | os.PathLike | None = None,
+    endpoint: str | None = None,
+    token: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> Path:
+    """Download the version `spec` names (``user/repo``, ``user/repo@1.2.0``, ``@latest``, ``@^1.2``) and
+    return its folder: the cache's snapshot, or `local_dir` holding a copy. Every file is checked against the
+    hub's hash and the adapter is validated; IntegrityError / InvalidAdapter otherwise."""
+    repo_id, wanted = parse_spec(spec)
+    api = HfApi(endpoint=endpoint, token=token)
+    offline = huggingface_hub.is_offline_mode()
+    with _translate(api, repo_id):
+        if offline:
+            version, sha = _resolve_cached(repo_id, wanted, cache_dir)
+            expected = None
+        else:
+            tags = _version_tags(api.list_repo_refs(repo_id))
+            version = wanted.best(tags, repo_id)
+            sha = tags[version].target_commit
+            expected = {f.path: _hub_hash(f) for f in api.list_repo_tree(repo_id, revision=sha, recursive=True)
+                        if hasattr(f, "blob_id")}
+        # by tag, so the cache records it for offline use; the folder name proves which commit it got
+        snapshot = Path(huggingface_hub.snapshot_download(
+            repo_id, revision=version.tag, cache_dir=cache_dir, endpoint=endpoint, token=token))
+    if snapshot.name != sha:
+        raise IntegrityError(f"{repo_id} {version.tag} moved to commit {snapshot.name[:12]} during the pull "
+                             f"(expected {sha[:12]}); pull again")
+    _verify(snapshot, expected if expected is not None else _cached_hashes(snapshot), f"{repo_id}@{version}")
+    out = snapshot if local_dir is None else _copy_files(snapshot, Path(local_dir))
+    _validate(out)
+    return out
+
+
+def _resolve_cached(repo_id: str, wanted: Range, cache_dir) -> tuple[Version, str]:
+    refs = Path(cache_dir or huggingface_hub.constants.HF_HUB_CACHE) / repo_folder_name(
+        repo_id=repo_id, repo_type="model") / "refs"
+    tags = {v: (refs / t).read_text().strip() for v, t in from_tags(
+        p.name for p in refs.iterdir()).items()} if refs.is_dir() else {}
+    try:
+        version = wanted.best(tags, repo_id)
+    except VersionNotFound as err:
+        raise VersionNotFound(f"{err}; offline (HF_HUB_OFFLINE=1) only versions pulled before are available") from None
+    return version, tags[version]
+
+
+def _hub_hash(entry) -> tuple[str, str]:
+    return ("sha256", entry.lfs.sha256) if entry.lfs else ("git-sha1", entry.blob_id)
+
+
+def _cached_hashes(snapshot: Path) -> dict[str, tuple[str, str]]:
+    """What the hub said each file's hash was when it was downloaded: the cache names blobs by their ETag."""
+    out = {}
+    for path in snapshot.rglob("*"):
+        if path.is_file():
+            etag = Path(os.readlink(path)).name if path.is_symlink() else ""
+            out[path.relative_to(snapshot).as_posix()] = ("sha256" if len(etag) == 64 else "git-sha1", etag)
+    return out
+
+
+def _verify(folder: Path, expected: dict[str, tuple[str, str]], what: str) -> None:
+    for name, (algo, want) in expected.items():
+        path = folder / name
+        if not path.is_file():
+            raise IntegrityError(f"{what}: {name} is missing from the download; pull again")
+        got = file_hash(path, algo)
+        if got != want:
+            raise IntegrityError(f"{what}: {name} has {algo} {got[:12]}, the hub recorded {want[:12] or 'none'} "
+                                 f"(corrupt download or cache); delete it from the cache and pull again")
+
+
+def file_hash(path: str | os.PathLike, algo: str) -> str:
+    """``"sha256"`` of the bytes, or ``"git-sha1"``: git's blob id, sha1 over ``b"blob <size>\\0" + bytes``."""
+    path = Path(path)
+    h = hashlib.sha256() if algo == "sha256" else hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _copy_files(snapshot: Path, target: Path) -> Path:
+    for path in sorted(snapshot.rglob("*")):
+        if path.is_file():
+            with atomic_write(target / path.relative_to(snapshot)) as tmp:
+                shutil.copyfile(path, tmp)
+    return target
+
+
+# -- info and merge ----------------------------------------------------------------------------------------
+def info(dir_or_spec: str | os.PathLike, endpoint: str | None = None, token: str | None = None,
+         cache_dir: str | os.PathLike | None = None) -> AdapterInfo:
+    """What an adapter is (config, parameter count, base, size): a local folder, or a spec pulled first."""
+    local = Path(dir_or_spec)
+    if local.is_dir():
+        return _validate(local)
+    return _validate(pull(str(dir_or_spec), endpoint=endpoint, token=token, cache_dir=cache_dir))
+
+
+def merge(
+    spec_or_dir: str | os.PathLike,
+    base: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    dtype: str | None = None,
+    push_to: str | None = None,
+    endpoint: str | None = None,
+    token: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> MergeResult:
+    """Fold an adapter (folder or spec) into its base (folder or repo id on the endpoint) and save the full
+    model to `out_dir` (sharded safetensors, config, tokenizer files when the base has them); optionally upload
+    it to `push_to`. The merge runs in float32, then casts to `dtype` (default: the base's dtype).
+
+    ``max_diff`` is the largest absolute difference between the merged model's output and the unmerged
+    adapter's on a fixed probe batch: float32 rounding only, unless something is wrong.
+    """
+    local = Path(spec_or_dir)
+    adapter = local if local.is_dir() else pull(str(spec_or_dir), endpoint=endpoint, token=token, cache_dir=cache_dir)
+    adapter_info = _validate(adapter)
+    base_dir = Path(base)
+    if not base_dir.is_dir():
+        api = HfApi(endpoint=endpoint, token=token)
+        with _translate(api, check_repo_id(str(base))):
+            base_dir = Path(huggingface_hub.snapshot_download(str(base), cache_dir=cache_dir, endpoint=endpoint,
+                                                              token=token))
+    path, max_diff, saved_dtype = merge_into(adapter, adapter_info, base_dir, Path(out_dir), dtype)
+    url = None
+    if push_to:
+        api = HfApi(endpoint=endpoint, token=token)
+        with _translate(api, check_repo_id(push_to)):
+            api.create_repo(push_to, private=True, exist_ok=True)
+            url = api.upload_folder(repo_id=push_to, folder_path=path, commit_message=f"Merge {spec_or_dir} into {base}")
+    return MergeResult(path, max_diff, saved_dtype, str(url) if url else None)
+
+
+# -- errors ------------------------------------------------------------------------------------------------
+def _validate(directory: str | os.PathLike) -> AdapterInfo:
+    try:
+        return validate_adapter(directory)
+    except AdapterError as err:
+        raise InvalidAdapter(f"invalid adapter: {_one_line(str(err))}") from None
+    except OSError as err:
+        raise InvalidAdapter(f"invalid adapter: cannot read {directory}: {err.strerror or err}") from None
+
+
+@contextlib.contextmanager
+def _translate(api: HfApi, repo_id: str) -> Iterator[None]:
+    """Turn the client's exceptions into HubError subclasses with one line each, never carrying a token."""
+    try:
+        yield
+    except HubError:
+        raise
+    except Exception as err:  # mapped below, re-raised when unknown
+        mapped = _map_error(err, api.endpoint, repo_id)
+        if mapped is None:
+            raise
+        raise type(mapped)(_scrub(str(mapped), api.token)) from None
+
+
+def _map_error(err: Exception, where: str, repo_id: str) -> HubError | None:
+    import httpx2
+
+    if isinstance(err, hf_errors.RepositoryNotFoundError):
+        return RepoNotFound(f"repo {repo_id} not found on {where} (or it is private and your token may not see it)")
+    if isinstance(err, hf_errors.RevisionNotFoundError):
+        return VersionNotFound(f"{repo_id}: revision not found on {where}: {_hf_message(err)}")
+    if isinstance(err, hf_errors.OfflineModeIsEnabled):
+        return Unreachable(f"offline mode (HF_HUB_OFFLINE=1) and {repo_id} is not in the local cache")
+    if isinstance(err, hf_errors.LocalEntryNotFoundError):
+        return Unreachable(f"{repo_id}: {_one_line(str(err))}")
+    if isinstance(err, hf_errors.HfHubHTTPError):
+        status = err.response.status_code if err.response is not None else None
+        if status in (401, 403):
+            return AuthError(f"{where} refused the token for {repo_id} (HTTP {status}): set HF_TOKEN or run "
+                             f"`hf auth login` with a token that may write there")
+        if status == 409:
+            return VersionExists(f"{repo_id}: {_hf_message(err)}")
+        if status == 412:
+            return HubError(f"{repo_id} changed while pushing (another push landed first); nothing was changed: "
+                            f"push again")
+        return HubError(f"{where} answered HTTP {status} for {repo_id}: {_hf_message(err)}")
+    if isinstance(err, (httpx2.TransportError, ConnectionError)):
+        return Unreachable(f"cannot reach {where} ({type(err).__name__}); is `lora-hub serve` running? set "
+                           f"--endpoint or HF_ENDPOINT")
+    return None
+
+
+def _hf_message(err: Exception) -> str:
+    server = getattr(err, "server_message", None)
+    return _one_line(server or str(err))
+
+
+def _one_line(text: str) -> str:
+    line = " ".join(text.strip().splitlines()[:1]) if text.strip() else "unknown error"
+    return _scrub(line, huggingface_hub.get_token())
+
+
+def _scrub(text: str, *tokens: str | bool | None) -> str:
+    for token in tokens:
+        if isinstance(token, str) and token:
+            text = text.replace(token, "***")
+    return text

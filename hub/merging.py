@@ -1,0 +1,78 @@
+"""The torch half of `hub.merge`: load a transformers base, apply the adapter with our engine, fold it in, save.
+
+Merging computes ``W = W0 + s * B A`` once per adapted layer (`lightning_lora.unload`), so the saved model is an
+ordinary transformers model that runs exactly as fast as the base. The fold happens in float32 and the probe
+compares the merged model with the unmerged adapter on the model's own dummy inputs; only then is the model
+cast to the requested dtype and written, into a temporary folder renamed into place.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from lightning_lora import load_adapter, unload
+from lightning_lora.io import AdapterInfo
+
+from .errors import HubError
+
+#: Files that travel from the base folder to the merged one unchanged (tokenizers, processors).
+_TOKENIZER_FILES = ("tokenizer*", "vocab*", "merges.txt", "special_tokens_map.json", "added_tokens.json",
+                    "*.model", "preprocessor_config.json", "chat_template*")
+_AUTO_CLASS = {"CAUSAL_LM": "AutoModelForCausalLM", "SEQ_CLS": "AutoModelForSequenceClassification",
+               "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM", "TOKEN_CLS": "AutoModelForTokenClassification"}
+
+
+def merge_into(adapter_dir: Path, info: AdapterInfo, base_dir: Path, out_dir: Path,
+               dtype: str | None) -> tuple[Path, float, str]:
+    """Merge and save; returns (out_dir, max output difference, saved dtype name)."""
+    import torch
+    import transformers
+
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise HubError(f"{out_dir} already exists and is not empty; choose another --out or delete it")
+    target = _dtype(dtype)
+    config = transformers.AutoConfig.from_pretrained(base_dir)
+    # The adapter's task decides the head (a sentence encoder's folder may name only its bare `BertModel`).
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    task_class = _AUTO_CLASS.get(info.config.task_type or "")
+    cls = getattr(transformers, task_class or arch or "", None) or transformers.AutoModel
+    model = cls.from_pretrained(base_dir, dtype=torch.float32).eval()
+    if target is None:
+        saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+        target = getattr(torch, saved) if isinstance(saved, str) else saved
+    load_adapter(model, adapter_dir)
+    probe = model.dummy_inputs
+    with torch.no_grad():
+        before = _main_output(model(**probe))
+        unload(model)
+        max_diff = (before - _main_output(model(**probe))).abs().max().item()
+    model.to(target)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp)
+        for pattern in _TOKENIZER_FILES:
+            for path in base_dir.glob(pattern):
+                if path.is_file():
+                    shutil.copyfile(path, tmp / path.name)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir, max_diff, str(target).removeprefix("torch.")
+
+
+def _dtype(name: str | None):
+    import torch
+
+    if name is None:
+        return None
+    value = getattr(torch, name, None) if name in ("float32", "float16", "bfloat16") else None
+    if value is None:
+        raise HubError(f"dtype {name!r} is not supported for a merged model: use float32, float16 or bfloat16")
+    return value
+
+
+def _main_output(out):
+    return (out.logits if hasattr(out, "logits") else out[0]).float()

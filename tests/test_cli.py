@@ -1,0 +1,121 @@
+"""`lora-hub`, the CLI: every verb works, and every error path is one readable line on stderr with a non-zero
+exit code, never a traceback. Most cases run in-process (typer's CliRunner); a few run the real executable."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from conftest import HUB_TOKEN
+from helpers import saved_adapter, tiny_gpt2
+from typer.testing import CliRunner
+
+from hub.cli import app
+
+LORA_HUB = str(Path(sys.executable).parent / "lora-hub")
+
+
+def run(*args, env: dict | None = None, code: int = 0):
+    result = CliRunner().invoke(app, [str(a) for a in args], env=env)
+    assert result.exit_code == code, f"lora-hub {' '.join(map(str, args))}: {result.output}{result.stderr}"
+    return result
+
+
+def one_line_error(result, pattern: str) -> None:
+    import re
+
+    err = result.stderr
+    assert "Traceback" not in result.output + err
+    assert len(err.strip().splitlines()) == 1, f"want one line on stderr, got {err!r}"
+    assert re.search(pattern, err), f"{pattern!r} not in {err!r}"
+
+
+@pytest.fixture
+def published(hub_server, tmp_path):
+    """A repo on the server with version 1.0.0, and the adapter folder it came from."""
+    repo = f"me/cli-{uuid.uuid4().hex[:6]}"
+    saved_adapter(tmp_path / "adapter")
+    out = run("push", tmp_path / "adapter", repo, "--version", "1.0.0", "-m", "first release")
+    assert out.stdout.startswith(f"pushed {repo} 1.0.0 (commit ")
+    return repo, tmp_path / "adapter"
+
+
+def test_verbs(hub_server, published, tmp_path):
+    repo, adapter = published
+    table = run("versions", repo, "--endpoint", hub_server.url).stdout
+    assert "1.0.0" in table and "first release" in table and "tiny-gpt2" in table
+
+    pulled = Path(run("pull", f"{repo}@^1.0", "--to", tmp_path / "pulled").stdout.strip())
+    assert pulled == tmp_path / "pulled"
+    assert (pulled / "adapter_model.safetensors").read_bytes() == (adapter / "adapter_model.safetensors").read_bytes()
+
+    for target in (adapter, f"{repo}@1.0.0"):
+        shown = run("info", target).stdout
+        assert "tiny-gpt2" in shown and "4 / 8" in shown and "c_attn" in shown and "trainable parameters" in shown
+
+    tiny_gpt2(seed=0).save_pretrained(tmp_path / "base")
+    merged = run("merge", repo, "--base", tmp_path / "base", "--out", tmp_path / "merged", "--dtype", "float16").stdout
+    assert "merged into" in merged and "(float16)" in merged and "max |merged - adapter|" in merged
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
+
+
+def test_error_paths(hub_server, published, tmp_path):
+    repo, adapter = published
+    (tmp_path / "empty").mkdir()
+    cases = {
+        "repo not found": (["versions", "me/nope"], r"repo me/nope not found on http://127\.0\.0\.1:\d+", 1),
+        "version not found": (["pull", f"{repo}@2.0.0"], r"no version of .* matches '2\.0\.0' \(versions: 1\.0\.0\)", 1),
+        "version exists": (["push", adapter, repo, "--version", "1.0.0"], r"already has version 1\.0\.0", 1),
+        "invalid adapter": (["push", tmp_path / "empty", repo], r"invalid adapter: .*empty has no adapter_config", 1),
+        "not an adapter": (["info", tmp_path / "empty"], r"invalid adapter: ", 1),
+        "unreachable": (["versions", repo, "--endpoint", "http://127.0.0.1:9"],
+                        r"cannot reach http://127\.0\.0\.1:9 .* set --endpoint or HF_ENDPOINT", 1),
+        "bad spec": (["pull", f"{repo}@^1.x"], r"'\^1\.x' is not a version or range", 2),
+        "bad repo id": (["versions", "../etc"], r"'\.\./etc' is not a repo id", 2),
+        "bad version": (["push", adapter, repo, "--version", "one"], r"'one' is not a version", 2),
+        "bad dtype": (["merge", adapter, "--base", tmp_path, "--out", tmp_path / "m", "--dtype", "int8"],
+                      r"dtype 'int8' is not supported", 1),
+        "merge into existing": (["merge", adapter, "--base", tmp_path, "--out", tmp_path], r"already exists", 1),
+    }
+    for name, (args, pattern, code) in cases.items():
+        result = CliRunner().invoke(app, [str(a) for a in args])
+        assert result.exit_code == code, f"{name}: exit {result.exit_code}, {result.output}"
+        one_line_error(result, pattern)
+
+
+def test_auth_failure_is_one_line_without_the_token(hub_token, tmp_path):
+    saved_adapter(tmp_path / "adapter")
+    wrong = HUB_TOKEN + "-wrong"
+    result = CliRunner().invoke(app, ["push", str(tmp_path / "adapter"), "me/private"], env={"HF_TOKEN": wrong})
+    assert result.exit_code == 1
+    one_line_error(result, r"refused the token for me/private \(HTTP 401\): set HF_TOKEN")
+    assert wrong not in result.output + result.stderr and HUB_TOKEN not in result.output + result.stderr
+
+
+def test_real_executable_error(hub_server):
+    env = {**os.environ, "HF_ENDPOINT": hub_server.url}
+    bad = subprocess.run([LORA_HUB, "pull", "me/missing@1.0.0"], env=env, capture_output=True, text=True,
+                         timeout=120, check=False)
+    want = f"error: repo me/missing not found on {hub_server.url} (or it is private and your token may not see it)"
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [want]
+
+
+def test_serve(tmp_path):
+    server = subprocess.Popen([LORA_HUB, "serve", "--root", str(tmp_path / "root"), "--port", "0"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        banner = server.stdout.readline()
+        assert banner.startswith(f"lora-hub serving {tmp_path / 'root'} at http://127.0.0.1:"), banner
+        url = banner.split(" at ")[1].split()[0]
+        from huggingface_hub import HfApi
+
+        assert HfApi(endpoint=url).repo_exists("me/none") is False
+    finally:
+        server.send_signal(signal.SIGINT)
+        out, err = server.communicate(timeout=30)
+    assert server.returncode == 0 and "stopped" in out and "Traceback" not in err

@@ -1,0 +1,288 @@
+"""The hub verbs (`hub.push / pull / versions / merge`) end to end against `lora-hub serve` on 127.0.0.1, with
+the unmodified huggingface_hub client, PEFT loading from the server, and pushes that die half way."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import uuid
+from pathlib import Path
+
+import huggingface_hub
+import pytest
+import torch
+import yaml
+from conftest import HUB_TOKEN
+from helpers import model_output, saved_adapter, tiny_gpt2, token_batch
+from huggingface_hub import HfApi
+
+import hub
+from hub.api import file_hash
+
+FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+@pytest.fixture
+def repo_id(request) -> str:
+    return f"me/{request.node.name[:40].replace('[', '-').strip(']')}-{uuid.uuid4().hex[:6]}"
+
+
+@pytest.fixture
+def two_versions(hub_server, tmp_path, repo_id):
+    """1.0.0 and 1.1.0 of `repo_id`, from adapters with different weights."""
+    dirs = {}
+    for seed, version in ((0, "1.0.0"), (1, "1.1.0")):
+        dirs[version] = tmp_path / f"adapter-{version}"
+        saved_adapter(dirs[version], seed=seed)
+        hub.push(dirs[version], repo_id, version=version, message=f"release {version}", endpoint=hub_server.url)
+    return dirs
+
+
+@pytest.mark.parametrize(("wanted", "best"), [
+    ("latest", "2.0.0"), ("", "2.0.0"), ("1.0.0", "1.0.0"), ("v1.1.0", "1.1.0"), ("^1.0", "1.10.0"), ("^1", "1.10.0"),
+    ("~1.1", "1.1.5"), ("1.1.x", "1.1.5"), ("1.1", "1.1.5"), ("1.*", "1.10.0"), ("^0.2", "0.2.3"),
+    ("^0.0.3", "0.0.3"), ("~0.2.1", "0.2.3"), ("2", "2.0.0"),
+])
+def test_version_ranges(wanted, best):
+    available = [hub.Version.parse(v) for v in ("0.0.3", "0.0.4", "0.2.1", "0.2.3", "1.0.0", "1.1.0", "1.1.5",
+                                                "1.10.0", "2.0.0")]
+    assert str(hub.Range.parse(wanted).best(available)) == best
+
+
+@pytest.mark.parametrize("bad", ["^1.x", "1.x.3", "abc", "1.2.3.4", "01.2.3", "~", "1.2.3-rc1"])
+def test_bad_ranges(bad):
+    with pytest.raises(hub.BadSpec, match="is not a version or range"):
+        hub.Range.parse(bad)
+
+
+def _state(url: str, repo_id: str, token: str | None = None) -> tuple:
+    """Everything a push may change: refs and the commit list of main."""
+    api = HfApi(endpoint=url, token=token)
+    refs = api.list_repo_refs(repo_id)
+    commits = [c.commit_id for c in api.list_repo_commits(repo_id)]
+    return sorted((b.name, b.target_commit) for b in refs.branches), sorted((t.name, t.target_commit) for t in refs.tags), commits
+
+
+def _same_files(folder: Path, adapter: Path) -> bool:
+    return all((folder / f).read_bytes() == (adapter / f).read_bytes() for f in FILES)
+
+
+def test_push_versions_pull(hub_server, two_versions, tmp_path, repo_id):
+    url = hub_server.url
+    listed = hub.versions(repo_id, endpoint=url)
+    assert [str(v.version) for v in listed] == ["1.0.0", "1.1.0"]
+    assert [v.message for v in listed] == ["release 1.0.0", "release 1.1.0"]
+    assert {v.base_model for v in listed} == {"tiny-gpt2"}
+    assert all(len(v.commit) == 40 for v in listed) and listed[0].commit != listed[1].commit
+
+    for version, adapter in two_versions.items():
+        out = hub.pull(f"{repo_id}@{version}", local_dir=tmp_path / f"pulled-{version}", endpoint=url)
+        assert _same_files(out, adapter)
+    newest = hub.pull(f"{repo_id}@^1.0", endpoint=url)
+    assert newest.name == listed[1].commit and _same_files(newest, two_versions["1.1.0"])
+    assert hub.pull(repo_id, endpoint=url) == newest  # bare repo id: latest
+    with pytest.raises(hub.VersionNotFound, match=r"no version of me/.* matches '\^2.0' \(versions: 1.0.0, 1.1.0\)"):
+        hub.pull(f"{repo_id}@^2.0", endpoint=url)
+
+    card = (newest / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["library_name"] == "peft" and meta["base_model"] == "tiny-gpt2"
+    assert {"lora", "base_model:adapter:tiny-gpt2"} <= set(meta["tags"])
+    assert "| 1.1.0 | this commit | 20" in card and f"| 1.0.0 | {listed[0].commit[:12]} |" in card
+    assert "| r | 4 |" in card and "| target_modules | c_attn |" in card
+
+    bumped = hub.push(two_versions["1.0.0"], repo_id, endpoint=url)  # no version: the latest patch + 1
+    assert str(bumped.version) == "1.1.1" and bumped.url.endswith(bumped.commit)
+
+
+def test_existing_version_is_never_overwritten(hub_server, two_versions, tmp_path, repo_id):
+    before = _state(hub_server.url, repo_id)
+    saved_adapter(tmp_path / "other", seed=7)
+    with pytest.raises(hub.VersionExists, match=r"already has version 1\.0\.0 .* nothing was changed: push as 1\.1\.1"):
+        hub.push(tmp_path / "other", repo_id, version="1.0.0", endpoint=hub_server.url)
+    assert _state(hub_server.url, repo_id) == before
+    pulled = hub.pull(f"{repo_id}@1.0.0", endpoint=hub_server.url)
+    assert _same_files(pulled, two_versions["1.0.0"])
+
+
+def test_invalid_adapter_is_refused_before_sending(hub_server, tmp_path, repo_id):
+    saved_adapter(tmp_path / "bad")
+    (tmp_path / "bad" / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 0}')
+    with pytest.raises(hub.InvalidAdapter, match="r must be a positive integer"):
+        hub.push(tmp_path / "bad", repo_id, endpoint=hub_server.url)
+    assert not HfApi(endpoint=hub_server.url).repo_exists(repo_id)
+
+
+def test_pull_offline_from_cache_and_verifies_hashes(hub_server, two_versions, tmp_path, repo_id, monkeypatch):
+    online = hub.pull(f"{repo_id}@^1.0", endpoint=hub_server.url)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    dead = "http://127.0.0.1:9"  # nothing listens: any request would fail
+    assert hub.pull(f"{repo_id}@^1.0", endpoint=dead) == online
+    assert hub.pull(f"{repo_id}@latest", endpoint=dead) == online
+    with pytest.raises(hub.VersionNotFound, match=r"matches '1\.0\.0' \(versions: 1\.1\.0\); offline"):
+        hub.pull(f"{repo_id}@1.0.0", endpoint=dead)
+
+    weights = online / "adapter_model.safetensors"
+    blob = weights.resolve()
+    assert blob.name == file_hash(weights, "git-sha1")  # the cache names blobs by the hub's hash
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 1
+    blob.write_bytes(bytes(data))
+    with pytest.raises(hub.IntegrityError, match="adapter_model.safetensors has git-sha1 .* the hub recorded"):
+        hub.pull(f"{repo_id}@^1.0", endpoint=dead)
+
+
+def test_lfs_upload_path_verifies_sha256(tmp_path, repo_id, monkeypatch):
+    """With Xet disabled and the server asking for LFS, the weights travel through the LFS batch API and the
+    pull checks them against the hub's sha256."""
+    from helpers import point_hf_client
+
+    saved_adapter(tmp_path / "adapter")
+    with hub.serve(tmp_path / "root", lfs_threshold=1024) as server:
+        point_hf_client(monkeypatch, server.url, tmp_path / "hf", xet=False)
+        hub.push(tmp_path / "adapter", repo_id, endpoint=server.url)
+        (entry,) = HfApi(endpoint=server.url).get_paths_info(repo_id, ["adapter_model.safetensors"], revision="v1.0.0")
+        pulled = hub.pull(repo_id, endpoint=server.url)
+    weights = pulled / "adapter_model.safetensors"
+    assert entry.lfs is not None and entry.lfs.sha256 == file_hash(weights, "sha256") == weights.resolve().name
+    assert _same_files(pulled, tmp_path / "adapter")
+
+
+def test_merge_output_equals_adapter_output(hub_server, tmp_path, repo_id):
+    model = saved_adapter(tmp_path / "adapter", seed=3)
+    tiny_gpt2(seed=3).save_pretrained(tmp_path / "base")
+    hub.push(tmp_path / "adapter", repo_id, endpoint=hub_server.url)
+    result = hub.merge(f"{repo_id}@1.0.0", tmp_path / "base", tmp_path / "merged", endpoint=hub_server.url,
+                       push_to=repo_id + "-merged")
+    assert result.max_diff < 1e-5 and result.dtype == "float32"
+    assert HfApi(endpoint=hub_server.url).file_exists(repo_id + "-merged", "model.safetensors")
+    from transformers import GPT2LMHeadModel
+
+    merged = GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval()
+    batch = token_batch(seed=5)
+    assert not any("lora" in name for name in merged.state_dict())
+    assert torch.allclose(model_output(merged, batch), model_output(model, batch), atol=1e-5, rtol=0)
+    assert not torch.allclose(model_output(merged, batch), model_output(tiny_gpt2(seed=3), batch), atol=1e-3)
+    with pytest.raises(hub.HubError, match="already exists and is not empty"):
+        hub.merge(tmp_path / "adapter", tmp_path / "base", tmp_path / "merged")
+
+
+def test_peft_loads_a_version_from_the_server(hub_server, two_versions, tmp_path, repo_id):
+    from peft import PeftModel
+
+    peft_model = PeftModel.from_pretrained(tiny_gpt2(seed=0), repo_id, revision="v1.0.0").eval()
+    ours = saved_adapter(tmp_path / "again", seed=0)
+    batch = token_batch(seed=5)
+    assert torch.allclose(model_output(peft_model, batch), model_output(ours, batch), atol=1e-5, rtol=0)
+    assert not torch.allclose(model_output(peft_model, batch), model_output(tiny_gpt2(seed=0), batch), atol=1e-3)
+
+
+def test_token_never_in_output(hub_token, tmp_path, repo_id, capfd):
+    url = hub_token.url
+    saved_adapter(tmp_path / "adapter")
+    result = hub.push(tmp_path / "adapter", repo_id, endpoint=url)  # HF_TOKEN holds the token
+    listed = hub.versions(repo_id, endpoint=url)
+    pulled = hub.pull(repo_id, endpoint=url)
+    with pytest.raises(hub.RepoNotFound, match=r"not found on .* \(or it is private"):  # no token: invisible
+        hub.versions(repo_id, endpoint=url, token=False)
+    with pytest.raises(hub.AuthError, match="refused the token .* set HF_TOKEN"):
+        hub.versions(repo_id, endpoint=url, token=HUB_TOKEN + "x")
+    with pytest.raises(hub.AuthError, match="refused the token"):
+        hub.push(tmp_path / "adapter", repo_id, version="2.0.0", endpoint=url, token=False)
+    seen = [repr(result), repr(listed), *capfd.readouterr()]
+    seen += [p.read_text(errors="replace") for p in pulled.iterdir()]
+    seen += [p.read_text(errors="replace") for p in hub_token.root.rglob("*") if p.is_file()]
+    assert not [s for s in seen if HUB_TOKEN in s]
+
+
+class Relay:
+    """A TCP relay in front of the hub that can fail like a network or a dying client: connections whose
+    request line contains `drop` are cut, and after `stall_after` bytes from the client it stops forwarding
+    and sets `stalled` (the client then blocks mid-upload) until `close()`."""
+
+    def __init__(self, target: str, drop: bytes | None = None, stall_after: int | None = None) -> None:
+        host, port = target.removeprefix("http://").split(":")
+        self.target, self.drop, self.stall_after = (host, int(port)), drop, stall_after
+        self.sent, self.stalled, self.sockets, self.request = 0, threading.Event(), [], b""
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            self.sockets += [client, upstream]
+            threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, from_client: bool) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                if from_client and data.split(b" ", 1)[0] in (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE"):
+                    self.request = data.split(b"\r\n", 1)[0]
+                if from_client and self.drop and self.drop in self.request:
+                    break
+                if from_client and self.stall_after is not None and self.sent + len(data) > self.stall_after:
+                    self.stalled.set()
+                    return
+                self.sent += len(data) if from_client else 0
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            s.close()
+
+    def close(self) -> None:
+        self.server.close()
+        for s in self.sockets:
+            s.close()
+
+
+def test_failed_tag_reports_and_retry_finishes(hub_server, two_versions, tmp_path, repo_id):
+    before_tags = _state(hub_server.url, repo_id)[1]
+    saved_adapter(tmp_path / "next", seed=5)
+    relay = Relay(hub_server.url, drop=b"/tag/")
+    try:
+        with pytest.raises(hub.PushIncomplete, match=r"committed [0-9a-f]{12} to me/.* but tagging v1\.2\.0 failed "
+                                                     r".* run the same push again to finish it"):
+            hub.push(tmp_path / "next", repo_id, version="1.2.0", endpoint=relay.url)
+    finally:
+        relay.close()
+    assert _state(hub_server.url, repo_id)[1] == before_tags
+    assert [str(v.version) for v in hub.versions(repo_id, endpoint=hub_server.url)] == ["1.0.0", "1.1.0"]
+    assert str(hub.push(tmp_path / "next", repo_id, version="1.2.0", endpoint=hub_server.url).version) == "1.2.0"
+    assert _same_files(hub.pull(f"{repo_id}@1.2.0", endpoint=hub_server.url),
+                       tmp_path / "next")
+
+
+def test_client_killed_mid_upload_leaves_old_state(hub_server, two_versions, tmp_path, repo_id):
+    before = _state(hub_server.url, repo_id)
+    saved_adapter(tmp_path / "next", seed=6, r=32, targets=("c_attn", "c_fc"))  # ~200 KB: several chunks
+    relay = Relay(hub_server.url, stall_after=64 << 10)
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_DISABLE_TELEMETRY": "1"}
+    child = subprocess.Popen([str(Path(sys.executable).parent / "lora-hub"), "push", str(tmp_path / "next"), repo_id,
+                              "--version", "1.2.0", "--endpoint", relay.url], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert relay.stalled.wait(60), "the push never got to uploading"
+        assert relay.request.startswith(b"POST /api/models/" + repo_id.encode() + b"/commit/main ")
+        os.kill(child.pid, signal.SIGKILL)
+        assert child.wait(10) == -signal.SIGKILL
+    finally:
+        child.kill()
+        relay.close()  # the server sees the connection die half way through the commit's body
+    assert _state(hub_server.url, repo_id) == before
+    result = hub.push(tmp_path / "next", repo_id, version="1.2.0", endpoint=hub_server.url)
+    assert [str(v.version) for v in hub.versions(repo_id, endpoint=hub_server.url)] == ["1.0.0", "1.1.0", "1.2.0"]
+    pulled = hub.pull(f"{repo_id}@1.2.0", endpoint=hub_server.url)
+    assert pulled.name == result.commit and _same_files(pulled, tmp_path / "next")
+    assert json.loads((pulled / "adapter_config.json").read_text())["r"] == 32
