@@ -1,0 +1,292 @@
+"""`hub.server` against the unmodified huggingface_hub client: every verb the hub uses, with Xet at the
+client's default (the server answers "regular" for every file) and with HF_HUB_DISABLE_XET=1 against a server
+with an LFS threshold (the LFS batch API); token auth; path traversal; upload limits; restarts."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+from pathlib import Path
+
+import pytest
+from conftest import HUB_TOKEN
+from helpers import point_hf_client
+from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError
+
+from hub.server import serve
+
+REPO = "team/adapter"
+
+
+def _folder(path: Path, version: int, big: int = 6000) -> Path:
+    """An adapter-like folder: a config, a README with YAML (validate-yaml), a binary, a nested file."""
+    path.mkdir(parents=True)
+    (path / "adapter_config.json").write_text(json.dumps({"r": 4, "version": version}))
+    (path / "README.md").write_text(f"---\nlibrary_name: peft\n---\n# v{version}\n")
+    (path / "adapter_model.safetensors").write_bytes(os.urandom(big))
+    (path / "extra").mkdir()
+    (path / "extra" / "notes.txt").write_text(f"notes {version}")
+    return path
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and ".cache" not in p.parts
+    }
+
+
+def _files_outside(root: Path, allowed: set[str]) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.name not in allowed)
+
+
+@pytest.fixture(params=["xet-default", "lfs"])
+def server_mode(request, tmp_path, monkeypatch):
+    """Xet left at the client's default vs HF_HUB_DISABLE_XET=1 with files >= 1 kB announced as LFS."""
+    lfs = request.param == "lfs"
+    with serve(tmp_path / "root", lfs_threshold=1024 if lfs else None) as server:
+        point_hf_client(monkeypatch, server.url, tmp_path / "home", xet=not lfs)
+        yield server, lfs
+
+
+def test_client_round_trip(server_mode, tmp_path):
+    server, lfs = server_mode
+    api = HfApi(endpoint=server.url)
+    url = api.create_repo(REPO)
+    assert url == f"{server.url}/{REPO}" and api.create_repo(REPO, exist_ok=True) == url
+    with pytest.raises(HfHubHTTPError, match="already created"):
+        api.create_repo(REPO)
+
+    v1, v2 = _folder(tmp_path / "v1", 1), _folder(tmp_path / "v2", 2)
+    first = api.upload_folder(folder_path=v1, repo_id=REPO, commit_message="release 1")
+    api.create_tag(REPO, tag="v1.0.0", revision=first.oid)
+    second = api.upload_folder(folder_path=v2, repo_id=REPO, commit_message="release 2")
+    api.create_tag(REPO, tag="v1.1.0")
+    with pytest.raises(HfHubHTTPError, match="already exists") as err:
+        api.create_tag(REPO, tag="v1.0.0", revision=second.oid)
+    assert err.value.response.status_code == 409
+
+    refs = api.list_repo_refs(REPO)
+    assert {t.name: t.target_commit for t in refs.tags} == {"v1.0.0": first.oid, "v1.1.0": second.oid}
+    assert [b.name for b in refs.branches] == ["main"] and refs.branches[0].target_commit == second.oid
+    commits = api.list_repo_commits(REPO)
+    assert [c.commit_id for c in commits[:2]] == [second.oid, first.oid]
+    assert [c.title for c in commits] == ["release 2", "release 1", "initial commit"]
+
+    tree = {f.path: f for f in api.list_repo_tree(REPO, revision="v1.0.0", recursive=True)}
+    weights = tree["adapter_model.safetensors"]
+    assert (
+        weights.size == 6000 and (weights.lfs is not None) == lfs
+    )  # Xet default: every file travelled inline
+    if lfs:
+        assert (
+            weights.lfs.sha256 == hashlib.sha256((v1 / "adapter_model.safetensors").read_bytes()).hexdigest()
+        )
+    assert "extra" in tree and tree["extra/notes.txt"].size == len("notes 1")
+
+    pulled = Path(snapshot_download(REPO, revision="v1.0.0"))
+    assert _digests(pulled) == {**_digests(v1), ".gitattributes": _digests(pulled)[".gitattributes"]}
+    latest = hf_hub_download(REPO, "adapter_model.safetensors")
+    assert Path(latest).read_bytes() == (v2 / "adapter_model.safetensors").read_bytes()
+    assert api.file_exists(REPO, "extra/notes.txt") and not api.file_exists(REPO, "missing.txt")
+    with pytest.raises(EntryNotFoundError):
+        hf_hub_download(REPO, "missing.txt")
+    infos = api.get_paths_info(REPO, ["README.md", "extra", "nope"], revision="v1.1.0")
+    assert [(type(i).__name__, i.path) for i in infos] == [("RepoFile", "README.md"), ("RepoFolder", "extra")]
+    assert api.model_info(REPO, revision="v1.0.0").sha == first.oid
+
+    again = api.upload_folder(folder_path=v2, repo_id=REPO)  # nothing changed: the client skips the commit
+    assert again.oid == second.oid and len(api.list_repo_commits(REPO)) == 3
+
+    assert api.repo_exists(REPO) and not api.repo_exists("team/missing")
+    api.delete_tag(REPO, tag="v1.1.0")
+    assert [t.name for t in api.list_repo_refs(REPO).tags] == ["v1.0.0"]
+    api.delete_repo(REPO)
+    assert not api.repo_exists(REPO)
+    assert not (server.root / "repos" / "model" / "team" / "adapter").exists()
+
+
+def test_xet_client_against_lfs_server_fails_cleanly(tmp_path, monkeypatch):
+    """A client with hf_xet sends every "lfs" file through Xet, which this server does not speak: the upload
+    fails at once (no hang, no retries) and the repo is unchanged."""
+    with serve(tmp_path / "root", lfs_threshold=1024) as server:
+        point_hf_client(monkeypatch, server.url, tmp_path / "home", xet=True)
+        api = HfApi(endpoint=server.url)
+        api.create_repo(REPO)
+        with pytest.raises(Exception, match="xet-write-token"):
+            api.upload_folder(folder_path=_folder(tmp_path / "v1", 1), repo_id=REPO)
+        assert len(api.list_repo_commits(REPO)) == 1
+
+
+def test_auth(hub_token, tmp_path, capfd):
+    api = HfApi(endpoint=hub_token.url)
+    hub_token.log = True  # request logs go to stderr: they must not contain the token
+    with pytest.raises(HfHubHTTPError, match="needs a token for writes") as err:
+        api.create_repo(REPO, token=False)
+    assert err.value.response.status_code == 401
+    with pytest.raises(HfHubHTTPError, match="Invalid credentials") as err:
+        api.create_repo(REPO, token="hf_wrong")
+    assert err.value.response.status_code == 401
+    assert api.whoami()["name"] == "local"
+    with pytest.raises(HfHubHTTPError, match="Invalid user token"):
+        api.whoami(token="hf_wrong")
+
+    api.create_repo(REPO, private=True)
+    api.upload_folder(folder_path=_folder(tmp_path / "v1", 1), repo_id=REPO)
+    api.create_repo("team/public", private=False)
+    with pytest.raises(HfHubHTTPError) as err:
+        api.upload_folder(folder_path=tmp_path / "v1", repo_id="team/public", token=False)
+    assert err.value.response.status_code == 401
+
+    # Without the token a private repo is indistinguishable from a missing one.
+    answers = {}
+    for repo in (REPO, "team/missing"):
+        assert not api.repo_exists(repo, token=False)
+        assert not api.file_exists(repo, "adapter_config.json", token=False)
+        with pytest.raises(RepositoryNotFoundError) as err:
+            hf_hub_download(repo, "adapter_config.json", token=False, cache_dir=tmp_path / "c")
+        with pytest.raises(RepositoryNotFoundError):
+            api.list_repo_refs(repo, token=False)
+        response = err.value.response
+        answers[repo] = (
+            response.status_code,
+            response.headers["X-Error-Code"],
+            response.text.replace(repo, "<repo>"),
+        )
+    assert answers[REPO] == answers["team/missing"]
+    assert api.repo_exists("team/public", token=False) and api.repo_exists(REPO)
+    assert api.model_info(REPO).private and not api.model_info("team/public").private
+    out = capfd.readouterr()
+    assert HUB_TOKEN not in out.out + out.err and "POST /api/repos/create 401" in out.err
+
+
+def _raw(server, method: str, path: str, body: bytes | dict | None = None, token: str | None = None):
+    host, port = server.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    data = json.dumps(body).encode() if isinstance(body, dict) else body
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    conn.request(method, path, body=data, headers=headers)
+    response = conn.getresponse()
+    payload = response.read()
+    conn.close()
+    return response.status, response.headers, payload
+
+
+def _ndjson(*items: dict) -> bytes:
+    return b"".join(json.dumps(i).encode() + b"\n" for i in items)
+
+
+HOSTILE_PATHS = [
+    "../evil.txt",
+    "/abs.txt",
+    "a/../../evil.txt",
+    "a\x00b.txt",
+    "x" * 1200,
+    ".git/config",
+    "a//b.txt",
+    "./a.txt",
+    "a\\..\\evil.txt",
+]
+
+
+def test_traversal_and_malformed_names_are_refused(hub_server, tmp_path):
+    api = HfApi(endpoint=hub_server.url)
+    api.create_repo(REPO)
+    before = api.list_repo_refs(REPO)
+    outside_before = _files_outside(tmp_path, {"hub-root", "hf-home"})
+
+    for namespace, name in [
+        ("..", "x"),
+        ("team", ".."),
+        ("team", "../../etc"),
+        ("team", "a\x00b"),
+        ("/abs", "x"),
+        ("team", "x" * 300),
+        ("team", "a--b"),
+        ("team", "a.git"),
+    ]:
+        status, headers, body = _raw(
+            hub_server, "POST", "/api/repos/create", {"name": name, "organization": namespace}
+        )
+        assert status == 400 and "invalid" in json.loads(body)["error"], (namespace, name, body)
+    for path in [
+        "/api/models/..%2F..%2Fetc/passwd",
+        "/%2E%2E/%2E%2E/resolve/main/x",
+        "/api/models/team/a%00b",
+    ]:
+        assert _raw(hub_server, "GET", path)[0] in (400, 404)
+
+    for tag in ["../../x", "a/../b", "/abs", "x\x00y", "-x", "a" * 300, "x.lock", "a//b"]:
+        status, _, body = _raw(hub_server, "POST", f"/api/models/{REPO}/tag/main", {"tag": tag})
+        assert status == 400 and "invalid tag" in json.loads(body)["error"], (tag, body)
+    for revision in ["..%2F..%2Frepo.json", "..", "%2Fetc%2Fpasswd"]:
+        status, headers, _ = _raw(hub_server, "GET", f"/{REPO}/resolve/{revision}/.gitattributes")
+        assert status in (400, 404) and headers.get("X-Error-Code") in (None, "RevisionNotFound")
+
+    for path in HOSTILE_PATHS:
+        payload = _ndjson(
+            {"key": "header", "value": {"summary": "evil"}},
+            {"key": "file", "value": {"path": path, "content": "aGk=", "encoding": "base64"}},
+        )
+        status, _, body = _raw(hub_server, "POST", f"/api/models/{REPO}/commit/main", payload)
+        assert status == 400 and "invalid file path" in json.loads(body)["error"], (path, body)
+        status, _, _ = _raw(hub_server, "GET", f"/{REPO}/resolve/main/{path.replace(chr(0), '%00')}")
+        assert status in (400, 404)
+    for path in ["..%2Frepo.json", "..%2F..%2F..%2Frefs.json", "%2Fetc%2Fpasswd"]:
+        assert _raw(hub_server, "GET", f"/{REPO}/resolve/main/{path}")[0] == 400
+
+    assert api.list_repo_refs(REPO) == before and len(api.list_repo_commits(REPO)) == 1
+    assert _files_outside(tmp_path, {"hub-root", "hf-home"}) == outside_before
+    assert not any("evil" in p.name for p in tmp_path.rglob("*"))
+    assert sorted(
+        p.name for p in (hub_server.root / "repos" / "model").rglob("*") if p.parent.name == "team"
+    ) == ["adapter"]
+
+
+@pytest.mark.parametrize("lfs", [False, True], ids=["regular", "lfs"])
+def test_upload_size_limit(tmp_path, monkeypatch, lfs):
+    with serve(tmp_path / "root", max_upload_bytes=4000, lfs_threshold=1024 if lfs else None) as server:
+        point_hf_client(monkeypatch, server.url, tmp_path / "home", xet=not lfs)
+        api = HfApi(endpoint=server.url)
+        api.create_repo(REPO)
+        with pytest.raises(HfHubHTTPError, match="over this server's upload limit of 4000 bytes") as err:
+            api.upload_folder(folder_path=_folder(tmp_path / "v1", 1, big=5000), repo_id=REPO)
+        assert err.value.response.status_code == 413
+        assert len(api.list_repo_commits(REPO)) == 1
+        big = _ndjson(
+            {"key": "header", "value": {"summary": "big"}},
+            {"key": "file", "value": {"path": "a.bin", "content": "QUFB" * 3000, "encoding": "base64"}},
+        )
+        status, _, body = _raw(server, "POST", f"/api/models/{REPO}/commit/main", big)
+        assert status == 413 and "limit" in json.loads(body)["error"]
+        api.upload_folder(folder_path=_folder(tmp_path / "v2", 2, big=3000), repo_id=REPO)  # under it: fine
+        assert len(api.list_repo_commits(REPO)) == 2
+
+
+def test_restart_keeps_everything(tmp_path, monkeypatch):
+    root = tmp_path / "root"
+    with serve(root, lfs_threshold=1024) as server:
+        point_hf_client(monkeypatch, server.url, tmp_path / "home1", xet=False)
+        api = HfApi(endpoint=server.url)
+        api.create_repo(REPO, private=True)
+        for version in (1, 2):
+            api.upload_folder(folder_path=_folder(tmp_path / f"v{version}", version), repo_id=REPO)
+            api.create_tag(REPO, tag=f"v{version}.0.0")
+        api.create_repo("team/other")
+        refs, commits = api.list_repo_refs(REPO), api.list_repo_commits(REPO)
+        digests = {tag: _digests(Path(snapshot_download(REPO, revision=tag))) for tag in ("v1.0.0", "v2.0.0")}
+
+    with serve(root) as server:  # another port, another process-lifetime secret, no LFS threshold
+        point_hf_client(monkeypatch, server.url, tmp_path / "home2")
+        api = HfApi(endpoint=server.url)
+        assert api.list_repo_refs(REPO) == refs and api.list_repo_commits(REPO) == commits
+        assert api.model_info(REPO).private and api.repo_exists("team/other")
+        for tag, expected in digests.items():
+            assert _digests(Path(snapshot_download(REPO, revision=tag))) == expected
+        assert _digests(tmp_path / "v2") == {
+            k: v for k, v in digests["v2.0.0"].items() if k != ".gitattributes"
+        }
