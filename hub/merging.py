@@ -21,7 +21,8 @@ from .errors import HubError
 _TOKENIZER_FILES = ("tokenizer*", "vocab*", "merges.txt", "special_tokens_map.json", "added_tokens.json",
                     "*.model", "preprocessor_config.json", "chat_template*")
 _AUTO_CLASS = {"CAUSAL_LM": "AutoModelForCausalLM", "SEQ_CLS": "AutoModelForSequenceClassification",
-               "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM", "TOKEN_CLS": "AutoModelForTokenClassification"}
+               "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM", "TOKEN_CLS": "AutoModelForTokenClassification",
+               "QUESTION_ANS": "AutoModelForQuestionAnswering"}
 
 
 def merge_into(adapter_dir: Path, info: AdapterInfo, base_dir: Path, out_dir: Path,
@@ -40,7 +41,7 @@ def merge_into(adapter_dir: Path, info: AdapterInfo, base_dir: Path, out_dir: Pa
     cls = getattr(transformers, task_class or arch or "", None) or transformers.AutoModel
     model = cls.from_pretrained(base_dir, dtype=torch.float32).eval()
     if target is None:
-        saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+        saved = getattr(config, "dtype", None) or torch.float32
         target = getattr(torch, saved) if isinstance(saved, str) else saved
     load_adapter(model, adapter_dir)
     probe = model.dummy_inputs

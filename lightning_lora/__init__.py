@@ -2,6 +2,9 @@
 
 __version__ = "0.1.0"
 
+from .analysis import amplification_factors, compare_subspaces, subspace_similarity
+from .card import render_card
+from .combine import AdapterState, CombinedAdapter, combine
 from .config import ConfigError, LoRAConfig
 from .inject import (
     delete_adapter,
@@ -18,7 +21,18 @@ from .layers import LoRAConv, LoRAEmbedding, LoRALayer, LoRALinear, lora_linear
 from .summary import LoRASummary, summarize
 
 __all__ = [
-    "AdapterError", "AdapterInfo", "ConfigError", "LoRAConfig", "LoRAConv", "LoRAEmbedding", "LoRALayer",
+    "LoRACallback", "load_lora_checkpoint",
+    "AdapterState", "CombinedAdapter", "amplification_factors", "combine", "compare_subspaces", "subspace_similarity",
+    "render_card", "AdapterError", "AdapterInfo", "ConfigError", "LoRAConfig", "LoRAConv", "LoRAEmbedding", "LoRALayer",
     "LoRALinear", "LoRASummary", "delete_adapter", "disable_adapters", "inject", "load_adapter", "lora_layers",
     "lora_linear", "merge", "save_adapter", "set_adapter", "summarize", "unload", "unmerge", "validate_adapter",
 ]
+
+
+def __getattr__(name: str):
+    # The Lightning callback imports lightning: load it on first use, so the engine and the hub stay light.
+    if name in ("LoRACallback", "load_lora_checkpoint"):
+        from . import callback
+
+        return getattr(callback, name)
+    raise AttributeError(f"module 'lightning_lora' has no attribute {name!r}")

@@ -6,8 +6,9 @@ of that name. Our own metadata (library version, base model, a fingerprint of th
 names and shapes, training figures) travels in the safetensors header metadata under ``lightning_lora.*``.
 
 Loading is all-or-nothing: the files are checked against the model (keys, shapes, dtypes, finite values,
-fingerprint) before the model is touched. Only safetensors are read: never a pickle. Every file is written
-through a temporary file in the same folder and renamed over the target.
+fingerprint) before the model is touched. NaN or Inf values are refused, not warned about: such an adapter
+diverged in training and would silently turn every output into NaN. Only safetensors are read: never a
+pickle. Every file is written through a temporary file in the same folder and renamed over the target.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import hashlib
 import json
 import math
 import os
+import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,6 +78,7 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        tmp.chmod(0o644)  # mkstemp creates 0600; adapters and checkpoints are meant to be shared
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -85,6 +88,19 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     """Write `text` to `path` atomically."""
     with atomic_write(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files `atomic_write` left in `directory` when its process was killed mid-write
+    (SIGKILL runs no cleanup; the target itself is intact). Call it before writing there again; returns
+    what was removed."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    stale = [p for p in directory.iterdir() if re.fullmatch(r"\..+\.[a-z0-9_]{8}\.tmp", p.name) and p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def adapter_dir(directory: str | os.PathLike, adapter_name: str = "default") -> Path:
@@ -124,15 +140,32 @@ def save_adapter(
         raise KeyError(f"no adapter named {adapter_name!r} to save; the model has {list(registry) or 'none'}")
     config = registry[adapter_name]
     base_model = base_model or config.base_model or _name_or_path(model)
-    config = config.replace(base_model=base_model)
+    config = config.replace(base_model=base_model, task_type=config.task_type or task_type(model))
     if config.target_modules == "all-linear":  # write what was matched, so every PEFT version reads it alike
         leaves = {path.rsplit(".", 1)[-1] for path, layer in lora_layers(model) if adapter_name in layer.lora_a}
         config = config.replace(target_modules=sorted(leaves))
-    out = adapter_dir(directory, adapter_name)
-    tensors = {k: v.to("cpu").contiguous() for k, v in adapter_state_dict(model, adapter_name).items()}
-    header = {"format": "pt", META + "version": _version(), META + "fingerprint": fingerprint(model, adapter_name)}
-    if base_model:
-        header[META + "base_model"] = base_model
+    tensors = adapter_state_dict(model, adapter_name)
+    return write_adapter(adapter_dir(directory, adapter_name), tensors, config, fingerprint(model, adapter_name),
+                         metadata, card)
+
+
+def write_adapter(
+    directory: str | os.PathLike,
+    tensors: dict[str, torch.Tensor],
+    config: LoRAConfig,
+    layer_fingerprint: str | None = None,
+    metadata: dict[str, str] | None = None,
+    card: str | None = None,
+) -> Path:
+    """Write `tensors` (PEFT's keys) and `config` as a PEFT-format adapter in `directory`, without a model
+    (`save_adapter` and `combine` both end here). Each file is replaced atomically, weights first."""
+    out = Path(directory)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    header = {"format": "pt", META + "version": _version()}
+    if layer_fingerprint:
+        header[META + "fingerprint"] = layer_fingerprint
+    if config.base_model:
+        header[META + "base_model"] = config.base_model
     header.update({META + k: str(v) for k, v in (metadata or {}).items()})
     from safetensors.torch import save_file
 
@@ -160,6 +193,8 @@ def read_config(directory: str | os.PathLike) -> LoRAConfig:
         return LoRAConfig.from_peft_dict(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise AdapterError(f"{path} is not valid JSON: {err}") from None
+    except RecursionError:
+        raise AdapterError(f"{path} is nested too deeply to be an adapter config") from None
     except (ConfigError, TypeError) as err:
         raise AdapterError(f"{path}: {err}") from None
 
@@ -183,6 +218,8 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, dict], dict[str, str
     if not isinstance(header, dict):
         raise AdapterError(f"{path}: the safetensors header is not a JSON object (corrupt file)")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise AdapterError(f"{path}: the header's __metadata__ must be a JSON object of strings (corrupt file)")
     spans = []
     for key, entry in header.items():
         try:
@@ -191,7 +228,8 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, dict], dict[str, str
             raise AdapterError(f"{path}: tensor {key!r} has a malformed header entry") from None
         if dtype not in _DTYPES:
             raise AdapterError(f"{path}: tensor {key!r} has dtype {dtype}; adapters hold float tensors only")
-        if not all(isinstance(d, int) and d >= 0 for d in shape) or not 0 <= begin <= end:
+        if not isinstance(shape, list) or not all(isinstance(v, int) and v >= 0 for v in (*shape, begin, end)) \
+                or begin > end:
             raise AdapterError(f"{path}: tensor {key!r} has an invalid shape or offsets")
         if (end - begin) != math.prod(shape) * _DTYPES[dtype]:
             raise AdapterError(f"{path}: tensor {key!r}: offsets span {end - begin} bytes, shape needs "
@@ -216,17 +254,18 @@ def validate_adapter(directory: str | os.PathLike) -> AdapterInfo:
     weights = _weights_path(directory)
     header, metadata = read_header(weights)
     shapes = {k: tuple(v["shape"]) for k, v in header.items()}
-    modules: dict[str, dict[str, tuple[int, ...]]] = {}
-    for key, shape in shapes.items():
+    for key in shapes:
         if not key.startswith(PREFIX):
             raise AdapterError(f"{weights}: key {key!r} lacks PEFT's {PREFIX!r} prefix{_hint(key)}")
-        for kind, suffix in _KIND_SUFFIX.items():
-            if key.endswith("." + suffix):
-                modules.setdefault(key[len(PREFIX):-len(suffix) - 1], {})[kind] = shape
+    modules = {path: {kind: shapes[key] for kind, key in kinds.items()}
+               for path, kinds in module_keys(shapes).items()}
     if not modules:
         raise AdapterError(f"{weights} holds no LoRA tensors (no lora_A / lora_B keys)")
     for path, kinds in modules.items():
         a, b = (kinds.get("lora_A") or kinds.get("lora_embedding_A"), kinds.get("lora_B") or kinds.get("lora_embedding_B"))
+        if any(kind != "lora_magnitude_vector" and len(shape) < 2 for kind, shape in kinds.items()):
+            raise AdapterError(f"{weights}: module {path!r}: a LoRA factor of shape {[list(s) for s in kinds.values()]}"
+                               f" is not a matrix (corrupt file)")
         if a is None or b is None:
             raise AdapterError(f"{weights}: module {path!r} has only one of its two LoRA factors{_hint(path)}")
         r = config.rank_for(path)
@@ -244,6 +283,23 @@ def validate_adapter(directory: str | os.PathLike) -> AdapterInfo:
     )
 
 
+def module_keys(keys: Iterable[str]) -> dict[str, dict[str, str]]:
+    """PEFT's LoRA keys grouped by module path: ``{path: {"lora_A": key, "lora_B": key, ...}}`` (kinds as
+    the layers name them: ``lora_A``/``lora_B``, ``lora_embedding_A``/``_B``, ``lora_magnitude_vector``).
+    Other keys (modules_to_save, biases) are left out."""
+    modules: dict[str, dict[str, str]] = {}
+    for key in keys:
+        for kind, suffix in _KIND_SUFFIX.items():
+            if key.startswith(PREFIX) and key.endswith("." + suffix):
+                modules.setdefault(key[len(PREFIX):-len(suffix) - 1], {})[kind] = key
+    return modules
+
+
+def read_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of the adapter in `directory` under PEFT's keys (safetensors only, all finite)."""
+    return _load_tensors(_weights_path(Path(directory)))
+
+
 def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default") -> LoRAConfig:
     """Load a PEFT-format adapter into `model` as `adapter_name` (injecting it if needed) and activate it.
 
@@ -255,15 +311,18 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     if adapter_name != "default" and (directory / adapter_name / CONFIG_NAME).is_file():
         directory = directory / adapter_name
     info = validate_adapter(directory)
-    config = resolve_config(model, info.config)
+    try:
+        config = resolve_config(model, info.config)
+        expected = _expected_shapes(model, config)
+    except ConfigError as err:
+        raise AdapterError(f"{directory / CONFIG_NAME} does not fit this model: {err}") from None
     existing = adapter_configs(model).get(adapter_name)
     if existing is not None and existing.replace(fan_in_fan_out=config.fan_in_fan_out, base_model=None) != \
             config.replace(base_model=None):
         raise AdapterError(f"the model already has an adapter {adapter_name!r} with another config; choose another "
                            f"adapter_name or delete_adapter it first")
-    expected = _expected_shapes(model, config) if existing is None else {
-        k: tuple(v.shape) for k, v in adapter_state_dict(model, adapter_name).items()
-    }
+    if existing is not None:
+        expected = {k: tuple(v.shape) for k, v in adapter_state_dict(model, adapter_name).items()}
     _check_keys(directory, expected, info.shapes)
     if existing is None:
         want = info.metadata.get(META + "fingerprint")
@@ -277,6 +336,19 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
         for key, tensor in tensors.items():
             targets[key].copy_(tensor)
     return config
+
+
+#: PEFT's task type for a transformers head class, by class-name suffix: loaders pick the head from it.
+_TASK_BY_SUFFIX = {"ForCausalLM": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS",
+                   "ForTokenClassification": "TOKEN_CLS", "ForQuestionAnswering": "QUESTION_ANS",
+                   "ForSeq2SeqLM": "SEQ_2_SEQ_LM"}
+
+
+def task_type(model: nn.Module) -> str | None:
+    """PEFT's ``task_type`` for a transformers model (``"SEQ_CLS"`` for ``BertForSequenceClassification``),
+    None for a bare encoder or a model that is not from transformers."""
+    name = type(model).__name__
+    return next((task for suffix, task in _TASK_BY_SUFFIX.items() if name.endswith(suffix)), None)
 
 
 # -- helpers -----------------------------------------------------------------------------------------------
@@ -299,9 +371,19 @@ def _inside(directory: Path, name: str) -> Path:
     path = directory / name
     if not path.exists():
         raise AdapterError(f"{directory} has no {name}")
-    if path.is_symlink() and not path.resolve().is_relative_to(directory.resolve()):
+    if path.is_symlink() and not any(path.resolve().is_relative_to(ok) for ok in _symlink_roots(directory)):
         raise AdapterError(f"{path} is a symlink pointing outside the adapter folder; refusing to follow it")
     return path
+
+
+def _symlink_roots(directory: Path) -> list[Path]:
+    """Where an adapter file's symlink may point: into the folder, or, for a Hugging Face cache snapshot
+    (``<repo>/snapshots/<commit>/``), into that repo's ``<repo>/blobs/``."""
+    directory = directory.resolve()
+    roots = [directory]
+    if directory.parent.name == "snapshots":
+        roots.append(directory.parent.parent / "blobs")
+    return roots
 
 
 def _weights_path(directory: Path) -> Path:
@@ -326,6 +408,8 @@ def _expected_shapes(model: nn.Module, config: LoRAConfig) -> dict[str, tuple[in
         shape_a, shape_b = layer._shapes(config.rank_for(path))
         out[_key(f"{path}.{_KIND_SUFFIX[layer.A_NAME]}")] = shape_a
         out[_key(f"{path}.{_KIND_SUFFIX[layer.B_NAME]}")] = shape_b
+        if config.use_dora:  # DoRA's magnitude: one entry per output feature
+            out[_key(f"{path}.lora_magnitude_vector")] = shape_b[:1]
     # modules_to_save and bias parameters keep their paths, under base_layer once their module is wrapped.
     targets = set(find_targets(model, config))
     extra = {n: tuple(p.shape) for n, p in extra_trainable(model, config).items()}

@@ -1,0 +1,412 @@
+"""`LoRACallback`: LoRA fine-tuning of an unchanged LightningModule. Lightning hooks only; the math lives in
+`inject`, the file format in `io`, the counts in `summary`.
+
+Why these hooks (see docs in ``shared/design/lightning-hooks.md``): `Callback.setup` is the only callback hook
+that runs before the checkpoint restore, the DDP wrap and `configure_optimizers`, so injection happens there.
+Injecting later fails silently (the optimizer holds no LoRA parameter and ``B`` stays exactly 0, or DDP never
+all-reduces the new parameters), which `on_fit_start` turns into an error.
+
+Checkpoints keep only the trainable tensors: with ``r`` small they are ``3 x trainable x 4`` bytes (weights
+plus Adam's two moments) instead of the whole model. Resuming needs the missing frozen keys ignored while the
+LoRA keys stay strict: a picklable ``load_state_dict`` post-hook does exactly that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io as _bytes_io
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import nn
+
+from .config import ConfigError, LoRAConfig
+from .inject import adapter_configs, inject, lora_layers
+from .io import atomic_write, fingerprint, remove_stale_temps, save_adapter
+from .summary import LoRASummary, summarize
+
+#: Where the primitive-only record of the LoRA config and base fingerprint lives in a `.ckpt`.
+RECORD_KEY = "lightning_lora"
+_CONFIG_FIELDS = {f.name for f in dataclasses.fields(LoRAConfig)} - {"fan_in_fan_out"}
+
+
+class LoRACallback(Callback):
+    """Inject LoRA into the model at `setup`, train only the adapter, checkpoint and export only the adapter.
+
+    Args:
+        config: a `LoRAConfig`; its fields may also be given (or overridden) one by one as keyword arguments,
+            which is how LightningCLI's YAML sets them (see `LoRAConfig` for their meaning).
+        adapter_dir: if set, every checkpoint save and the end of training write the adapter in PEFT's format
+            to ``<adapter_dir>/last``, and to ``<adapter_dir>/best`` when ModelCheckpoint's best changes
+            (atomically, global rank 0 only, with a model card).
+        model_attr: the attribute of the LightningModule holding the model to adapt (e.g. ``"model"`` for a
+            transformers model in ``self.model``, whose ``config.model_type`` then picks default targets, and
+            whose PEFT export then loads into that transformers class). Default: the whole LightningModule.
+            Parameters outside it are frozen too.
+        noop_check_steps: after this many optimizer steps, warn if every adapter still computes exactly zero.
+
+    Checkpoints written during `fit` hold only the trainable tensors plus ``checkpoint["lightning_lora"]``
+    (config and base fingerprint); `trainer.fit(ckpt_path=...)` resumes from them exactly, and
+    `load_lora_checkpoint` loads them outside a Trainer.
+
+    Strategies: single device and DDP are tested (CPU, gloo). FSDP needs ``FSDPStrategy(use_orig_params=True,
+    state_dict_type="full")`` (mixed ``requires_grad`` in one flat parameter fails otherwise, and sharded
+    checkpoints load the full model state, Lightning #20274); it is not verified yet, and the PEFT export reads
+    rank 0's parameters, which FSDP shards: export with `save_adapter` under ``summon_full_params`` there.
+    """
+
+    def __init__(
+        self,
+        config: LoRAConfig | None = None,
+        *,
+        r: int | None = None,
+        alpha: float | None = None,
+        dropout: float | None = None,
+        target_modules: list[str] | str | None = None,
+        exclude_modules: list[str] | str | None = None,
+        bias: Literal["none", "all", "lora_only"] | None = None,
+        modules_to_save: list[str] | None = None,
+        use_rslora: bool | None = None,
+        use_dora: bool | None = None,
+        init: Literal["kaiming", "gaussian"] | None = None,
+        rank_pattern: dict[str, int] | None = None,
+        alpha_pattern: dict[str, float] | None = None,
+        quantize: Literal["nf4"] | None = None,
+        quant_backend: Literal["bnb", "torchao"] | None = None,
+        compute_dtype: Literal["float32", "bfloat16", "float16"] | None = None,
+        base_model: str | None = None,
+        task_type: str | None = None,
+        adapter_dir: str | Path | None = None,
+        model_attr: str | None = None,
+        noop_check_steps: int = 10,
+    ) -> None:
+        fields = {k: v for k, v in locals().items() if k in _CONFIG_FIELDS and v is not None}
+        self.config = (config or LoRAConfig()).replace(**fields)
+        self.adapter_dir = Path(adapter_dir) if adapter_dir is not None else None
+        self.model_attr = model_attr
+        self.noop_check_steps = noop_check_steps
+        self.summary: LoRASummary | None = None
+        self._noop_checked = False
+        self._exported: dict[str, Any] = {}  # "last": global step, "best": (path, score) of the last export
+
+    # -- public --------------------------------------------------------------------------------------------
+    def apply(self, module: nn.Module) -> LoRASummary:
+        """Inject the adapter into `module` (a LightningModule, or any module holding `model_attr`) now, freeze
+        everything else, and make `module.load_state_dict` accept adapter-only state dicts. Idempotent.
+
+        `setup` calls it; call it yourself before `fit` with ``ddp_spawn`` or FSDP2, and before loading
+        weights outside a Trainer."""
+        target = self._target(module)
+        first = "default" not in adapter_configs(target)
+        inject(target, self.config)
+        if first:
+            trainable = {id(p) for p in target.parameters() if p.requires_grad}
+            for param in module.parameters():
+                param.requires_grad_(id(param) in trainable)
+        if not any(isinstance(h, _IgnoreFrozenMissing) for h in module._load_state_dict_post_hooks.values()):
+            module.register_load_state_dict_post_hook(_IgnoreFrozenMissing())
+        self.summary = summarize(module)
+        return self.summary
+
+    def resolved_config(self, module: nn.Module) -> LoRAConfig:
+        """The config as injected: targets filled in from the model type, ``fan_in_fan_out`` detected."""
+        return adapter_configs(self._target(module))["default"]
+
+    # -- Lightning hooks -----------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        _chain(pl_module, "on_save_checkpoint", self, "_after_module_save")
+        _chain(pl_module, "on_load_checkpoint", self, "_before_module_load")
+        if is_overridden("configure_model", pl_module):
+            _chain(pl_module, "configure_model", self, "_after_configure_model")  # the model is built there
+        else:
+            self._prepare(trainer, pl_module)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        _unchain(pl_module, "configure_model")
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        _check_optimizers(trainer, pl_module)
+        _enable_input_grads_for_checkpointing(pl_module)
+        summary = self.summary = summarize(pl_module)
+        config = self.resolved_config(pl_module)
+        if trainer.is_global_zero:
+            from rich.console import Console
+
+            Console().print(summary.table())
+            for folder in self._write_dirs(trainer):
+                remove_stale_temps(folder)
+        for logger in trainer.loggers:
+            logger.log_hyperparams({**summary.metrics(), "lora/r": config.r, "lora/alpha": config.alpha})
+        self._noop_checked = False
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if self._noop_checked or trainer.global_step < self.noop_check_steps:
+            return
+        self._noop_checked = True
+        layers = [layer for _, layer in lora_layers(self._target(pl_module))]
+        if layers and all(_is_zero_update(layer) for layer in layers):
+            rank_zero_warn(
+                f"LoRA is a no-op: after {trainer.global_step} optimizer steps every adapter update is still exactly "
+                f"zero (lora_B or lora_embedding_A all zeros). The optimizer is probably not stepping the LoRA "
+                f"parameters (built before injection, learning rate 0, or gradients not reaching them: with "
+                f"gradient checkpointing use use_reentrant=False)."
+            )
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = _trainable_only(pl_module, checkpoint["state_dict"])
+        checkpoint[RECORD_KEY] = {
+            "config": self.resolved_config(pl_module).to_dict(),
+            "fingerprint": fingerprint(self._target(pl_module)),
+            "model_attr": self.model_attr,
+        }
+        if self.adapter_dir is not None and trainer.is_global_zero:
+            self._export_checkpoint(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.adapter_dir is not None and trainer.is_global_zero:
+            self._export(trainer, pl_module, "last", _current_metric(trainer))
+
+    # -- internals -----------------------------------------------------------------------------------------
+    def _target(self, module: nn.Module) -> nn.Module:
+        if self.model_attr is None:
+            return module
+        target = getattr(module, self.model_attr, None)
+        if not isinstance(target, nn.Module):
+            raise ConfigError(
+                f"model_attr={self.model_attr!r}: {type(module).__name__}.{self.model_attr} is "
+                f"{type(target).__name__}, not a module; build it in __init__ or configure_model, or fix model_attr"
+            )
+        return target
+
+    def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.apply(pl_module)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+
+    def _after_configure_model(self, pl_module: pl.LightningModule) -> None:
+        self._prepare(pl_module.trainer, pl_module)
+
+    def _after_module_save(self, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        # Lightning skips Callback.on_save_checkpoint for weights-only saves (ModelCheckpoint(save_weights_only=
+        # True), trainer.save_checkpoint(weights_only=True)); the module's hook always runs, after the callbacks'.
+        if RECORD_KEY not in checkpoint:
+            self.on_save_checkpoint(pl_module.trainer, pl_module, checkpoint)
+
+    def _before_module_load(self, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        # The module's on_load_checkpoint runs right before its load_state_dict (the callbacks' only after it),
+        # so a checkpoint of another config or base is refused here with a clear message.
+        if RECORD_KEY in checkpoint:
+            where = getattr(pl_module._trainer, "ckpt_path", None) or "the checkpoint"
+            _check_record(checkpoint[RECORD_KEY], self.resolved_config(pl_module), fingerprint(self._target(pl_module)),
+                          where)
+
+    def _export_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._exported.get("last") != trainer.global_step:  # top-k and save_last saves share a step
+            self._export(trainer, pl_module, "last", _current_metric(trainer))
+            self._exported["last"] = trainer.global_step
+        best = next((cb for cb in trainer.checkpoint_callbacks
+                     if isinstance(cb, ModelCheckpoint) and cb.monitor and cb.best_model_path), None)
+        if best is not None:
+            key = (best.best_model_path, float(best.best_model_score))
+            if self._exported.get("best") != key:
+                self._export(trainer, pl_module, "best", (best.monitor, key[1]))
+                self._exported["best"] = key
+
+    def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule, name: str,
+                metric: tuple[str, float] | None) -> None:
+        from .card import render_card
+
+        target = self._target(pl_module)
+        summary = self.summary or summarize(pl_module)
+        config = self.resolved_config(pl_module)
+        base_model = config.base_model or getattr(getattr(target, "config", None), "_name_or_path", None) or None
+        figures: dict[str, Any] = {
+            "trainable_params": summary.trainable, "total_params": summary.total,
+            "trainable_ratio": summary.ratio, "global_step": trainer.global_step, "epoch": trainer.current_epoch,
+        }
+        if metric is not None:
+            figures[metric[0]] = metric[1]
+        card = render_card(config.replace(base_model=base_model), metrics=figures, extra=_versions_markdown())
+        save_adapter(target, self.adapter_dir / name, base_model=base_model, metadata=figures, card=card)
+
+    def _write_dirs(self, trainer: pl.Trainer) -> list[Path]:
+        dirs = [self.adapter_dir / "last", self.adapter_dir / "best"] if self.adapter_dir is not None else []
+        return dirs + [Path(cb.dirpath) for cb in trainer.checkpoint_callbacks
+                       if isinstance(cb, ModelCheckpoint) and cb.dirpath]
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, but local files go through `io.atomic_write` (temporary file beside the
+    target, fsync, rename): a crash mid-save leaves the previous file, never a truncated one. (Lightning's own
+    writer stages in the system temp folder and moves, which is a copy across file systems.)"""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        buffer = _bytes_io.BytesIO()
+        torch.save(checkpoint, buffer)
+        with atomic_write(path) as tmp:
+            tmp.write_bytes(buffer.getbuffer())
+
+
+def load_lora_checkpoint(module: nn.Module | type[pl.LightningModule], ckpt_path: str | Path,
+                         **kwargs: Any) -> nn.Module:
+    """`LightningModule.load_from_checkpoint` for LoRACallback's adapter-only checkpoints.
+
+    `module` is either a built module holding the base model (as for training), or a LightningModule class,
+    then built with ``load_from_checkpoint(ckpt_path, **kwargs)`` from its saved hyperparameters. The saved
+    LoRA config is injected and the trainable tensors loaded, strictly: a missing or extra LoRA key, another
+    shape or another base model raises. Returns the module::
+
+        model = load_lora_checkpoint(MyModule, "checkpoints/epoch=2-step=300.ckpt")
+    """
+    checkpoint = torch.load(Path(ckpt_path), map_location="cpu", weights_only=True)
+    record = checkpoint.get(RECORD_KEY)
+    if record is None:
+        raise ConfigError(f"{ckpt_path} holds no {RECORD_KEY!r} record: it was not written by LoRACallback; "
+                          f"use {getattr(module, '__name__', 'the module')}.load_from_checkpoint instead")
+    if isinstance(module, type):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Found keys that are")  # the LoRA keys, loaded below
+            module = module.load_from_checkpoint(ckpt_path, strict=False, **kwargs)
+    config = {k: v for k, v in record["config"].items() if k in _CONFIG_FIELDS}
+    callback = LoRACallback(LoRAConfig(**config), model_attr=record["model_attr"])
+    callback.apply(module)
+    _check_record(record, callback.resolved_config(module), fingerprint(callback._target(module)), ckpt_path)
+    module.load_state_dict(checkpoint["state_dict"], strict=True)
+    return module
+
+
+# -- helpers -----------------------------------------------------------------------------------------------
+class _IgnoreFrozenMissing:
+    """``load_state_dict`` post-hook: an adapter-only state dict lacks the frozen tensors, so their names are
+    dropped from ``missing_keys``; a missing trainable (LoRA) key still fails a strict load. A class, not a
+    closure, so the module stays picklable."""
+
+    def __call__(self, module: nn.Module, incompatible: Any) -> None:
+        trainable = _trainable_names(module)
+        incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if k in trainable]
+
+
+class _Chain:
+    """Replaces ``module.<hook>`` on the instance: runs the original, then ``callback.<after>(module, *args)``.
+    Picklable (no closure); ``__wrapped__`` keeps Lightning's `is_overridden` answering as before."""
+
+    def __init__(self, original: Any, callback: LoRACallback, after: str) -> None:
+        self.__wrapped__ = original
+        self.callback = callback
+        self.after = after
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.__wrapped__(*args, **kwargs)
+        getattr(self.callback, self.after)(self.__wrapped__.__self__, *args, **kwargs)
+        return out
+
+
+def _chain(module: nn.Module, hook: str, callback: LoRACallback, after: str) -> None:
+    current = module.__dict__.get(hook)
+    if isinstance(current, _Chain):
+        current.callback = callback  # a later Trainer's callback takes over
+        return
+    module.__dict__[hook] = _Chain(getattr(module, hook), callback, after)
+
+
+def _unchain(module: nn.Module, hook: str) -> None:
+    if isinstance(module.__dict__.get(hook), _Chain):
+        del module.__dict__[hook]
+
+
+def _trainable_names(module: nn.Module) -> set[str]:
+    return {n for n, p in module.named_parameters(remove_duplicate=False) if p.requires_grad}
+
+
+def _trainable_only(module: nn.Module, state_dict: dict[str, Any]) -> dict[str, Any]:
+    keep = _trainable_names(module)
+    return {k: v for k, v in state_dict.items() if k in keep}
+
+
+def _check_record(record: dict[str, Any], config: LoRAConfig, base_fingerprint: str, ckpt_path: Any) -> None:
+    saved = record.get("config", {})
+    now = config.to_dict()
+    diff = [f"{k}: {saved.get(k)!r} in the checkpoint, {now[k]!r} now" for k in sorted(now)
+            if k != "base_model" and saved.get(k, now[k]) != now[k]]
+    if diff:
+        raise ConfigError(f"{ckpt_path} was written with another LoRA config ({'; '.join(diff)}); resume with the "
+                          f"same LoRACallback settings, or start a new run without ckpt_path")
+    if record.get("fingerprint") != base_fingerprint:
+        raise ConfigError(f"{ckpt_path} was trained on another base model: the adapted layers' names or shapes "
+                          f"differ from this model's; load the base it was trained on")
+
+
+def _check_optimizers(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """Raise if a trainable parameter is in no optimizer (the optimizer was built before injection, so LoRA
+    would silently stay at zero); warn about frozen parameters in an optimizer."""
+    if not trainer.optimizers:
+        return
+    in_optimizer = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
+    params = list(pl_module.named_parameters())
+    frozen = [n for n, p in params if not p.requires_grad and id(p) in in_optimizer]
+    if frozen:
+        rank_zero_warn(f"{len(frozen)} frozen parameters are in an optimizer (e.g. {frozen[0]!r}); they never "
+                       f"train. Pass only [p for p in self.parameters() if p.requires_grad].")
+    missing = [n for n, p in params if p.requires_grad and id(p) not in in_optimizer]
+    if missing:
+        raise RuntimeError(
+            f"{len(missing)} LoRA parameters are in no optimizer (e.g. {missing[0]!r}): the optimizer was built "
+            f"before LoRACallback injected them (in __init__?). Build it in configure_optimizers from "
+            f"[p for p in self.parameters() if p.requires_grad]."
+        )
+
+
+def _enable_input_grads_for_checkpointing(pl_module: nn.Module) -> None:
+    """The frozen-input trap: with reentrant gradient checkpointing, a checkpointed block whose inputs do not
+    require grad gets no gradient at all, and a frozen base means no input does. Make the embeddings' output
+    require grad (transformers' `enable_input_require_grads`) on every checkpointing transformers model."""
+    done: list[str] = []
+    for path, module in pl_module.named_modules():
+        if any(path.startswith(p) for p in done) or not _is_checkpointing(module):
+            continue
+        if hasattr(module, "enable_input_require_grads"):
+            if not getattr(module, "_require_grads_hooks", None):
+                module.enable_input_require_grads()
+                rank_zero_info(f"LoRA: gradient checkpointing on {type(module).__name__}: input grads enabled")
+            done.append(path + "." if path else "")
+
+
+def _is_checkpointing(module: nn.Module) -> bool:
+    # transformers >= 5 renamed is_gradient_checkpointing (which now warns) to is_activation_checkpointing.
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if isinstance(getattr(type(module), name, None), property):
+            return bool(getattr(module, name))
+    return False
+
+
+def _is_zero_update(layer: nn.Module) -> bool:
+    return all(not p.any() for p in layer.lora_b.values()) or all(not p.any() for p in layer.lora_a.values())
+
+
+def _current_metric(trainer: pl.Trainer) -> tuple[str, float] | None:
+    monitor = next((cb.monitor for cb in trainer.checkpoint_callbacks
+                    if isinstance(cb, ModelCheckpoint) and cb.monitor), None)
+    value = trainer.callback_metrics.get(monitor) if monitor else None
+    return (monitor, float(value)) if value is not None else None
+
+
+def _versions_markdown() -> str:
+    import lightning
+    import transformers
+
+    from . import __version__
+
+    rows = [("lightning-lora", __version__), ("torch", torch.__version__), ("lightning", lightning.__version__),
+            ("transformers", transformers.__version__)]
+    return "## Framework versions\n\n" + "\n".join(f"- {name} {version}" for name, version in rows) + "\n"

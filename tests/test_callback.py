@@ -1,0 +1,303 @@
+"""LoRACallback on real Lightning Trainers (CPU, tiny models): training, adapter-only checkpoints, exact
+resume, PEFT export, the optimizer guard, logging, idempotence, weights-only saves, gradient checkpointing."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from helpers import tiny_gpt2
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lit_models import CausalLM, Classifier, token_loader, trainer_kwargs
+from safetensors import safe_open
+
+from lightning_lora import ConfigError, LoRACallback, LoRAConfig, load_lora_checkpoint, lora_layers
+from lightning_lora.callback import RECORD_KEY
+
+peft = pytest.importorskip("peft")
+BATCH = token_loader(batches=1, seed=9).dataset[:2]
+
+
+def fit(module, tmp_path, callbacks, **overrides) -> L.Trainer:
+    L.seed_everything(0, verbose=False)
+    trainer = L.Trainer(**trainer_kwargs(tmp_path, callbacks=callbacks, **overrides))
+    trainer.fit(module)
+    return trainer
+
+
+def trainable(module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def base_unchanged(adapted: torch.nn.Module, fresh: torch.nn.Module) -> None:
+    """Every frozen tensor of `fresh` is bit-identical in `adapted`, found under its LoRA-wrapped name."""
+    now = {k.replace(".base_layer", ""): v for k, v in adapted.state_dict().items() if "lora_" not in k}
+    before = fresh.state_dict()
+    assert set(now) == set(before)
+    trained = {n for n, p in adapted.named_parameters() if p.requires_grad}
+    for key, value in before.items():
+        if key not in trained:
+            assert torch.equal(now[key], value), f"base tensor {key} changed"
+
+
+def all_b_nonzero(module) -> bool:
+    layers = [layer for _, layer in lora_layers(module)]
+    return bool(layers) and all(b.abs().sum() > 0 for layer in layers for b in layer.lora_b.values())
+
+
+def test_gpt2_adapter_only_checkpoint_and_peft_export(tmp_path):
+    module = CausalLM(n_embd=64)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val_loss", save_last=True)
+    callback = LoRACallback(r=4, alpha=8, model_attr="model", adapter_dir=tmp_path / "adapter")
+    fit(module, tmp_path, [callback, ckpt], max_epochs=2)
+
+    base_unchanged(module.model, tiny_gpt2(0, n_embd=64))
+    assert all_b_nonzero(module)
+    lora_names = set(trainable(module))
+    assert len(lora_names) == 4 and all("lora_" in n for n in lora_names)
+
+    checkpoint = torch.load(ckpt.best_model_path, weights_only=True)
+    assert set(checkpoint["state_dict"]) == lora_names  # no base tensor at all
+    assert checkpoint[RECORD_KEY]["config"]["r"] == 4 and checkpoint[RECORD_KEY]["model_attr"] == "model"
+    buffer = io.BytesIO()  # what Lightning writes without the callback's pruning: the whole state_dict
+    torch.save({**checkpoint, "state_dict": module.state_dict()}, buffer)
+    size = (tmp_path / "ckpt" / "last.ckpt").stat().st_size
+    assert size / buffer.tell() < 0.25, (size, buffer.tell())
+
+    module.eval()
+    with torch.no_grad():
+        ours = module(BATCH)
+    for name in ("last", "best"):
+        folder = tmp_path / "adapter" / name
+        peft_model = peft.PeftModel.from_pretrained(tiny_gpt2(0, n_embd=64), str(folder)).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(peft_model(input_ids=BATCH).logits, ours, atol=1e-5, rtol=1e-5)
+    with safe_open(str(tmp_path / "adapter" / "best" / "adapter_model.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert float(meta["lightning_lora.val_loss"]) == pytest.approx(float(ckpt.best_model_score))
+    card = (tmp_path / "adapter" / "last" / "README.md").read_text()
+    assert "library_name: peft" in card and "trainable_ratio" in card and "val_loss" in card
+    assert "lightning 2." in card and "torch " in card
+    assert not list((tmp_path / "adapter").rglob("*.tmp")) and not list((tmp_path / "ckpt").rglob("*.tmp"))
+
+
+def test_plain_module_whole_lightning_module(tmp_path):
+    module = Classifier()
+    fresh = Classifier()
+    callback = LoRACallback(r=4, alpha=8, target_modules=["fc1", "fc2"], modules_to_save=["head"],
+                            adapter_dir=tmp_path / "adapter")
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt")
+    fit(module, tmp_path, [callback, ckpt], max_epochs=2)
+
+    base_unchanged(module, fresh)
+    assert all_b_nonzero(module) and not torch.equal(module.net.head.weight, fresh.net.head.weight)
+    checkpoint = torch.load(ckpt.best_model_path, weights_only=True)
+    assert set(checkpoint["state_dict"]) == set(trainable(module))
+    assert {k for k in checkpoint["state_dict"] if "lora_" not in k} == {"net.head.weight", "net.head.bias"}
+
+    x = torch.randn(3, 16)
+    module.eval()
+    peft_model = peft.PeftModel.from_pretrained(fresh, str(tmp_path / "adapter" / "last")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(x), module(x), atol=1e-6, rtol=1e-6)
+
+
+def test_resume_is_bit_exact(tmp_path):
+    def run(root, max_epochs, ckpt_path=None):
+        module = CausalLM(scheduler=True)
+        checkpoint = ModelCheckpoint(dirpath=root, save_top_k=-1)
+        L.seed_everything(0, verbose=False)
+        trainer = L.Trainer(**trainer_kwargs(root, callbacks=[LoRACallback(r=4, alpha=8, model_attr="model"),
+                                                              checkpoint],
+                                             max_epochs=max_epochs, accumulate_grad_batches=2))
+        trainer.fit(module, ckpt_path=ckpt_path)
+        return module, trainer, checkpoint
+
+    whole, whole_trainer, _ = run(tmp_path / "whole", 2)
+    _, _, first = run(tmp_path / "part", 1)
+    resumed, resumed_trainer, _ = run(tmp_path / "resumed", 2, ckpt_path=first.best_model_path)
+
+    assert resumed_trainer.global_step == whole_trainer.global_step == 4
+    assert resumed_trainer.lr_scheduler_configs[0].scheduler.last_epoch == 2
+    expected, got = trainable(whole), trainable(resumed)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+    base_unchanged(resumed.model, tiny_gpt2(0))
+
+
+def test_resume_with_other_config_or_base_fails_clearly(tmp_path):
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt")
+    fit(CausalLM(), tmp_path, [LoRACallback(r=4, model_attr="model"), ckpt])
+    trainer = L.Trainer(**trainer_kwargs(tmp_path, callbacks=[LoRACallback(r=8, model_attr="model")], max_epochs=2))
+    with pytest.raises(ConfigError, match=r"another LoRA config \(r: 4 in the checkpoint, 8 now\)"):
+        trainer.fit(CausalLM(), ckpt_path=ckpt.best_model_path)
+    trainer = L.Trainer(**trainer_kwargs(tmp_path, callbacks=[LoRACallback(r=4, model_attr="model")], max_epochs=2))
+    with pytest.raises(ConfigError, match="trained on another base model"):
+        trainer.fit(CausalLM(n_embd=64), ckpt_path=ckpt.best_model_path)
+    with pytest.raises(ConfigError, match="trained on another base model"):
+        load_lora_checkpoint(CausalLM(n_embd=64), ckpt.best_model_path)
+
+
+def test_load_lora_checkpoint_helper(tmp_path):
+    module = CausalLM()
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt")
+    fit(module, tmp_path, [LoRACallback(r=4, alpha=8, model_attr="model"), ckpt])
+    module.eval()
+    for loaded in (load_lora_checkpoint(CausalLM, ckpt.best_model_path), load_lora_checkpoint(CausalLM(),
+                                                                                             ckpt.best_model_path)):
+        loaded.eval()
+        with torch.no_grad():
+            assert torch.equal(loaded(BATCH), module(BATCH))
+    plain = torch.load(ckpt.best_model_path, weights_only=True)
+    plain["state_dict"].popitem()  # a LoRA key missing: strict
+    torch.save(plain, tmp_path / "broken.ckpt")
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\).*lora_B"):
+        load_lora_checkpoint(CausalLM(), tmp_path / "broken.ckpt")
+
+
+class EarlyOptimizer(CausalLM):
+    """The trap: the optimizer is built in __init__, before the callback injects LoRA."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.optimizer = torch.optim.Adam(self.parameters(), lr=0.01)
+
+    def configure_optimizers(self):
+        return self.optimizer
+
+
+def test_optimizer_built_before_injection_raises(tmp_path):
+    trainer = L.Trainer(**trainer_kwargs(tmp_path, callbacks=[LoRACallback(r=4, model_attr="model")]))
+    with pytest.warns(UserWarning, match="frozen parameters are in an optimizer"), \
+            pytest.raises(RuntimeError, match="LoRA parameters are in no optimizer.*configure_optimizers"):
+        trainer.fit(EarlyOptimizer())
+
+
+def test_logged_ratio_matches_independent_count(tmp_path):
+    logger = CSVLogger(tmp_path, name="logs")
+    module = CausalLM()
+    fit(module, tmp_path, [LoRACallback(r=4, alpha=8, model_attr="model")], logger=logger)
+    hparams = yaml.safe_load((tmp_path / "logs" / "version_0" / "hparams.yaml").read_text())
+    n_embd, layers, r = 32, 2, 4
+    lora = layers * (r * n_embd + 3 * n_embd * r)  # c_attn: A [r, in], B [3 * in, r]
+    total = sum(p.numel() for p in tiny_gpt2(0).parameters()) + lora
+    assert hparams["lora/trainable_params"] == lora
+    assert hparams["lora/total_params"] == total
+    assert hparams["lora/trainable_ratio"] == pytest.approx(lora / total, rel=1e-12)
+    assert hparams["lora/r"] == r and hparams["lora/alpha"] == 8.0
+
+
+def test_second_fit_and_validate_do_not_rewrap(tmp_path):
+    module = CausalLM()
+    callback = LoRACallback(r=4, model_attr="model")
+    fit(module, tmp_path, [callback])
+    after_first = trainable(module)
+    layers = [p for p, _ in lora_layers(module)]
+    L.Trainer(**trainer_kwargs(tmp_path, callbacks=[callback])).validate(module, token_loader(batches=1))
+    fit(module, tmp_path, [callback])
+    assert [p for p, _ in lora_layers(module)] == layers
+    assert not any(".base_layer.lora_" in n or "base_layer.base_layer" in n for n, _ in module.named_parameters())
+    assert trainable(module).keys() == after_first.keys()
+    assert any(not torch.equal(v, after_first[k]) for k, v in trainable(module).items())
+    assert "configure_model" not in module.__dict__
+
+
+def test_weights_only_saves_stay_adapter_only(tmp_path):
+    module = CausalLM()
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_weights_only=True)
+    trainer = fit(module, tmp_path, [LoRACallback(r=4, model_attr="model", adapter_dir=tmp_path / "ad"), ckpt])
+    names = set(trainable(module))
+    for path in (ckpt.best_model_path, tmp_path / "after_fit.ckpt"):
+        if path == tmp_path / "after_fit.ckpt":
+            trainer.save_checkpoint(path, weights_only=True)
+        checkpoint = torch.load(path, weights_only=True)
+        assert set(checkpoint["state_dict"]) == names and RECORD_KEY in checkpoint
+    assert (tmp_path / "ad" / "last" / "adapter_model.safetensors").is_file()
+
+
+def test_gradient_checkpointing_frozen_input_trap_is_handled(tmp_path):
+    # The trap is real: under reentrant checkpointing of a frozen model, no gradient reaches LoRA at all.
+    bare = CausalLM(checkpointing=True)
+    LoRACallback(r=4, model_attr="model").apply(bare)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert not bare.model(input_ids=BATCH, labels=BATCH).loss.requires_grad
+
+    module = CausalLM(checkpointing=True)
+    fit(module, tmp_path, [LoRACallback(r=4, model_attr="model")])
+    assert all_b_nonzero(module)
+
+
+def test_noop_adapter_warns(tmp_path):
+    module = CausalLM(lr=0.0)
+    with pytest.warns(UserWarning, match="LoRA is a no-op: after 2 optimizer steps"):
+        fit(module, tmp_path, [LoRACallback(r=4, model_attr="model", noop_check_steps=2)])
+
+
+def test_torch_compiled_submodule(tmp_path):
+    module = CausalLM()
+    module.model = torch.compile(module.model, backend="eager")
+    callback = LoRACallback(r=4, alpha=8, model_attr="model", adapter_dir=tmp_path / "ad")
+    fit(module, tmp_path, [callback], max_steps=2)
+    assert all_b_nonzero(module)
+    peft_model = peft.PeftModel.from_pretrained(tiny_gpt2(0), str(tmp_path / "ad" / "last")).eval()
+    plain = module.model._orig_mod.eval()  # the same modules, without recompiling for eval mode
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(input_ids=BATCH).logits, plain(input_ids=BATCH).logits, atol=1e-5,
+                                   rtol=1e-5)
+
+
+def test_keyword_fields_cover_the_config():
+    import dataclasses
+    import inspect
+
+    params = inspect.signature(LoRACallback).parameters
+    missing = {f.name for f in dataclasses.fields(LoRAConfig)} - set(params) - {"fan_in_fan_out"}
+    assert not missing, f"LoRACallback lacks keyword arguments for {missing} (LightningCLI cannot set them)"
+    callback = LoRACallback(LoRAConfig(r=2, alpha=4), r=16, target_modules=["c_attn"])
+    assert (callback.config.r, callback.config.alpha, callback.config.target_modules) == (16, 4.0, ["c_attn"])
+    with pytest.raises(ConfigError, match="r must be a positive integer"):
+        LoRACallback(r=0)
+
+
+def test_bf16_mixed_keeps_lora_in_fp32(tmp_path):
+    module = CausalLM()
+    fit(module, tmp_path, [LoRACallback(r=4, model_attr="model", adapter_dir=tmp_path / "ad")],
+        precision="bf16-mixed", max_steps=3)
+    assert all_b_nonzero(module)
+    assert {p.dtype for p in trainable(module).values()} == {torch.float32}
+    with safe_open(str(tmp_path / "ad" / "last" / "adapter_model.safetensors"), "pt") as f:
+        assert {t.dtype for t in map(f.get_tensor, f.keys())} == {torch.float32}
+
+
+class BuiltInConfigureModel(CausalLM):
+    """The model exists only after configure_model (as with FSDP / big models): injection must follow it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = None
+
+    def configure_model(self) -> None:
+        if self.model is None:
+            self.model = tiny_gpt2(0).train()
+
+
+def test_model_built_in_configure_model_and_module_stays_picklable(tmp_path):
+    import pickle
+
+    module = BuiltInConfigureModel()
+    callback = LoRACallback(r=4, model_attr="model")
+    fit(module, tmp_path, [callback], max_steps=2)
+    assert len(list(lora_layers(module))) == 2 and all_b_nonzero(module)
+    assert "configure_model" not in module.__dict__  # the wrapper is undone in teardown
+    clone = pickle.loads(pickle.dumps(module))
+    state = {k: v for k, v in module.state_dict().items() if "lora_" in k}
+    clone.load_state_dict(state)  # frozen keys missing: accepted; LoRA keys: strict
+    with pytest.raises(RuntimeError, match="Missing key"):
+        clone.load_state_dict(dict(list(state.items())[1:]))

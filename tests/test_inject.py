@@ -1,0 +1,261 @@
+"""Injecting LoRA into real (tiny) architectures, training, merging, unmerging, unloading, and several named
+adapters on one model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import (
+    image_batch,
+    model_output,
+    small_conv_net,
+    state_snapshot,
+    tiny_bert_classifier,
+    tiny_gpt2,
+    tiny_llama,
+    token_batch,
+    train_steps,
+)
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from lightning_lora import (
+    ConfigError,
+    LoRAConfig,
+    LoRAConv,
+    LoRALayer,
+    delete_adapter,
+    disable_adapters,
+    inject,
+    lora_layers,
+    merge,
+    set_adapter,
+    unload,
+    unmerge,
+)
+
+TOL = {"atol": 1e-5, "rtol": 1e-4}
+
+CASES = {
+    "gpt2": (tiny_gpt2, token_batch, LoRAConfig(r=4, alpha=8, target_modules=["c_attn"]), Conv1D),
+    "llama": (tiny_llama, token_batch, LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]), nn.Linear),
+    "bert": (tiny_bert_classifier, token_batch,
+             LoRAConfig(r=4, alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"]), nn.Linear),
+    "conv": (small_conv_net, image_batch,
+             LoRAConfig(r=2, alpha=4, target_modules=["conv_in", "conv_mid", "conv_row"]), nn.Conv2d),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_train_merge_unmerge_unload(case):
+    build, make_batch, config, base_type = CASES[case]
+    model, batch = build(), make_batch()
+    base_out = model_output(model, batch)
+    base_types = {p: type(m) for p, m in model.named_modules()}
+    inject(model, config)
+    assert torch.allclose(model_output(model, batch), base_out, atol=1e-6, rtol=0), "LoRA must start at the base"
+    layers = dict(lora_layers(model))
+    assert layers and all(isinstance(m.base_layer, (base_type, nn.Conv1d)) for m in layers.values())
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+
+    train_steps(model, batch, steps=3)
+    assert all(layer.lora_b["default"].abs().sum() > 0 or isinstance(layer, LoRAConv) for layer in layers.values())
+    for name, param in model.named_parameters():  # everything but the adapter stayed put
+        if name in frozen:
+            assert torch.equal(param, frozen[name]), name
+    tuned = model_output(model, batch)
+    assert not torch.allclose(tuned, base_out, atol=1e-3)
+
+    merge(model)
+    assert torch.allclose(model_output(model, batch), tuned, **TOL)
+    unmerge(model)
+    for name, param in model.named_parameters():
+        if name in frozen:
+            assert torch.allclose(param, frozen[name], atol=1e-6), name
+    assert torch.allclose(model_output(model, batch), tuned, **TOL)
+
+    plain = unload(model)
+    assert plain is model and not list(lora_layers(model))
+    assert {p: type(m) for p, m in model.named_modules()} == base_types
+    assert not any("lora" in n for n in model.state_dict())
+    assert torch.allclose(model_output(model, batch), tuned, **TOL)
+
+
+def test_freezing_and_modules_to_save():
+    model = tiny_bert_classifier()
+    inject(model, CASES["bert"][2])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n in trainable if ".lora_" in n} | {"classifier.weight", "classifier.bias"}
+    assert any(".query.lora_A.default" in n for n in trainable) and any(".value.lora_B" in n for n in trainable)
+
+
+def test_inject_twice_is_a_no_op_and_another_config_raises():
+    model = tiny_gpt2()
+    config = CASES["gpt2"][2]
+    first = inject(model, config)
+    before = state_snapshot(model)
+    second = inject(model, config)
+    assert (first.trainable, first.total) == (second.trainable, second.total)
+    assert list(state_snapshot(model)) == list(before)
+    for _, layer in lora_layers(model):
+        assert not isinstance(layer.base_layer, LoRALayer) and list(layer.lora_a) == ["default"]
+    with pytest.raises(ConfigError, match="already injected with a different config"):
+        inject(model, config.replace(r=2))
+
+
+def test_default_targets_from_model_type():
+    model = tiny_llama()
+    inject(model, LoRAConfig(r=2))
+    assert sorted({p.rsplit(".", 1)[-1] for p, _ in lora_layers(model)}) == ["q_proj", "v_proj"]
+    with pytest.raises(ConfigError, match="no default target_modules for model type None; set target_modules"):
+        inject(small_conv_net(), LoRAConfig())
+
+
+def test_grouped_query_attention_shapes():
+    model = tiny_llama()
+    inject(model, LoRAConfig(r=4, target_modules=["q_proj", "k_proj"]))
+    layers = dict(lora_layers(model))
+    q, k = layers["model.layers.0.self_attn.q_proj"], layers["model.layers.0.self_attn.k_proj"]
+    assert q.lora_b["default"].shape == (32, 4) and k.lora_b["default"].shape == (16, 4)
+
+
+def test_no_match_lists_candidates():
+    model = tiny_gpt2()
+    before = state_snapshot(model)
+    with pytest.raises(ConfigError, match=r"matches no module of GPT2LMHeadModel; candidate names: .*'c_attn'"):
+        inject(model, LoRAConfig(target_modules=["q_proj"]))
+    with pytest.raises(ConfigError, match=r"target_modules='.\*nothing' matches no module"):
+        inject(model, LoRAConfig(target_modules=r".*nothing"))
+    with pytest.raises(ConfigError, match="GPT2Attention, which LoRA cannot wrap.*c_attn"):
+        inject(model, LoRAConfig(target_modules=["attn"]))
+    assert not list(lora_layers(model)) and list(state_snapshot(model)) == list(before)
+
+
+def test_regex_targets():
+    model = tiny_llama()
+    inject(model, LoRAConfig(r=2, target_modules=r".*layers\.1\.self_attn\.(q|v)_proj"))
+    assert [p for p, _ in lora_layers(model)] == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+
+
+@pytest.mark.parametrize("build, head", [(tiny_gpt2, "lm_head"), (tiny_llama, "lm_head")])
+def test_all_linear_skips_output_head(build, head):
+    model = build()
+    inject(model, LoRAConfig(r=2, target_modules="all-linear", exclude_modules=["model.layers.0.mlp.up_proj"]))
+    paths = [p for p, _ in lora_layers(model)]
+    assert head not in paths and not isinstance(model.get_submodule(head), LoRALayer)
+    assert "model.layers.0.mlp.up_proj" not in paths
+    leaves = {p.rsplit(".", 1)[-1] for p in paths}
+    expected = {"c_attn", "c_proj", "c_fc"} if build is tiny_gpt2 else {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert leaves == expected
+
+
+@pytest.mark.parametrize("bias, expected", [
+    ("none", set()),
+    ("lora_only", {"transformer.h.0.attn.c_attn.base_layer.bias", "transformer.h.1.attn.c_attn.base_layer.bias"}),
+])
+def test_bias_modes(bias, expected):
+    model = tiny_gpt2()
+    inject(model, CASES["gpt2"][2].replace(bias=bias))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}
+    assert trainable == expected
+
+
+def test_bias_all_trains_every_bias():
+    model = tiny_gpt2()
+    inject(model, CASES["gpt2"][2].replace(bias="all"))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}
+    biases = {n for n, _ in model.named_parameters() if n.endswith(".bias")}
+    assert trainable == biases and "transformer.ln_f.bias" in biases
+
+
+def test_rank_and_alpha_pattern():
+    model = tiny_llama()
+    config = LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"], use_rslora=False,
+                        rank_pattern={"model.layers.1.self_attn.q_proj": 2, r".*v_proj": 6},
+                        alpha_pattern={"q_proj": 3})
+    inject(model, config)
+    layers = dict(lora_layers(model))
+    q0, q1 = layers["model.layers.0.self_attn.q_proj"], layers["model.layers.1.self_attn.q_proj"]
+    v0 = layers["model.layers.0.self_attn.v_proj"]
+    assert q0.lora_a["default"].shape[0] == 4 and q0.scaling["default"] == pytest.approx(3 / 4)
+    assert q1.lora_a["default"].shape[0] == 2 and q1.scaling["default"] == pytest.approx(3 / 2)
+    assert v0.lora_a["default"].shape[0] == 6 and v0.scaling["default"] == pytest.approx(8 / 6)
+    rs = LoRAConfig(r=16, alpha=8, use_rslora=True)
+    assert rs.scaling("x") == pytest.approx(2.0)
+
+
+def test_multiple_adapters():
+    model, batch = tiny_gpt2(), token_batch()
+    base_out = model_output(model, batch)
+    config = CASES["gpt2"][2]
+    inject(model, config)
+    train_steps(model, batch)
+    out_default = model_output(model, batch)
+    inject(model, config.replace(r=2), adapter_name="other")
+    # the new adapter is active and the only trainable thing; it starts at zero
+    assert torch.allclose(model_output(model, batch), base_out, atol=1e-6)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith(".other") for n in trainable)
+    train_steps(model, batch)
+    out_other = model_output(model, batch)
+    assert not torch.allclose(out_other, out_default, atol=1e-3)
+
+    set_adapter(model, "default")
+    assert torch.allclose(model_output(model, batch), out_default, **TOL)
+    assert all(n.endswith(".default") for n, p in model.named_parameters() if p.requires_grad)
+    with disable_adapters(model):
+        assert torch.allclose(model_output(model, batch), base_out, **TOL)
+    assert torch.allclose(model_output(model, batch), out_default, **TOL)
+    with pytest.raises(KeyError, match="no adapter named 'nope'; the model has \\['default', 'other'\\]"):
+        set_adapter(model, "nope")
+
+    delete_adapter(model, "default")
+    assert torch.allclose(model_output(model, batch), out_other, **TOL)
+    assert not any(".default" in n for n in model.state_dict())
+    delete_adapter(model, "other")
+    assert not list(lora_layers(model))
+    assert torch.allclose(model_output(model, batch), base_out, **TOL)
+
+
+def test_merge_twice_refused_and_merged_model_guards():
+    model, batch = tiny_llama(), token_batch()
+    inject(model, CASES["llama"][2])
+    train_steps(model, batch)
+    merge(model)
+    with pytest.raises(RuntimeError, match="already merged; unmerge it first"):
+        merge(model)
+    with pytest.raises(RuntimeError, match="unmerge\\(model\\) before disabling"), disable_adapters(model):
+        pass
+    with pytest.raises(RuntimeError, match="unmerge\\(model\\) before injecting"):
+        inject(model, CASES["llama"][2].replace(r=2), adapter_name="second")
+
+
+def test_invalid_adapter_name():
+    with pytest.raises(ConfigError, match="adapter_name '../x' must be 1-64 letters"):
+        inject(tiny_gpt2(), CASES["gpt2"][2], adapter_name="../x")
+
+
+def test_embedding_target():
+    model, batch = tiny_gpt2(), token_batch()
+    inject(model, LoRAConfig(r=2, target_modules=["wpe"]))
+    layer = dict(lora_layers(model))["transformer.wpe"]
+    assert type(layer).__name__ == "LoRAEmbedding"
+    train_steps(model, batch)
+    tuned = model_output(model, batch)
+    unload(model)
+    assert type(model.transformer.wpe) is nn.Embedding
+    assert torch.allclose(model_output(model, batch), tuned, **TOL)
+
+
+def test_merging_a_tied_weight_refused():
+    """GPT-2's wte shares its weight with lm_head: folding the update into it would change the head too."""
+    model, batch = tiny_gpt2(), token_batch()
+    inject(model, LoRAConfig(r=2, target_modules=["wte"]))
+    train_steps(model, batch)
+    before = state_snapshot(model)
+    for fold in (merge, unload):
+        with pytest.raises(RuntimeError, match="transformer.wte.base_layer.weight is shared with lm_head.weight"):
+            fold(model)
+        assert list(state_snapshot(model)) == list(before)
+        assert all(torch.equal(v, before[k]) for k, v in state_snapshot(model).items())

@@ -1,0 +1,172 @@
+"""Saving and loading adapters in exactly PEFT's on-disk format, with our metadata in the safetensors header."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import (
+    assert_same_state,
+    model_output,
+    state_snapshot,
+    tiny_bert_classifier,
+    tiny_gpt2,
+    tiny_llama,
+    token_batch,
+    train_steps,
+)
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from lightning_lora import (
+    AdapterError,
+    LoRAConfig,
+    inject,
+    load_adapter,
+    lora_layers,
+    save_adapter,
+    validate_adapter,
+)
+from lightning_lora.io import fingerprint, read_header
+
+PEFT_KEYS = {
+    "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "r", "lora_alpha",
+    "lora_dropout", "target_modules", "exclude_modules", "bias", "modules_to_save", "fan_in_fan_out",
+    "use_rslora", "use_dora", "init_lora_weights", "rank_pattern", "alpha_pattern",
+}
+
+
+def _trained_gpt2(config=None):
+    model, batch = tiny_gpt2(), token_batch()
+    inject(model, config or LoRAConfig(r=4, alpha=8, target_modules=["c_attn"]))
+    return train_steps(model, batch), batch
+
+
+def test_round_trip_gpt2_exact_format(adapter_path):
+    model, batch = _trained_gpt2()
+    out = save_adapter(model, adapter_path, base_model="tiny/gpt2", metadata={"epochs": 3})
+    assert out == adapter_path
+    assert sorted(p.name for p in adapter_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+    text = (adapter_path / "adapter_config.json").read_text()
+    config = json.loads(text)
+    assert text == json.dumps(config, indent=2, sort_keys=True) + "\n"
+    assert set(config) == PEFT_KEYS
+    assert config | {} == {**config, "peft_type": "LORA", "r": 4, "lora_alpha": 8.0, "target_modules": ["c_attn"],
+                           "fan_in_fan_out": True, "inference_mode": True, "bias": "none",
+                           "base_model_name_or_path": "tiny/gpt2", "init_lora_weights": True, "use_rslora": False}
+
+    with safe_open(adapter_path / "adapter_model.safetensors", "pt") as f:
+        keys = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+        meta = f.metadata()
+    assert keys == {
+        f"base_model.model.transformer.h.{i}.attn.c_attn.lora_{ab}.weight": shape
+        for i in (0, 1) for ab, shape in (("A", (4, 32)), ("B", (96, 4)))
+    }
+    assert meta["format"] == "pt" and meta["lightning_lora.base_model"] == "tiny/gpt2"
+    assert meta["lightning_lora.epochs"] == "3" and meta["lightning_lora.version"] == "0.1.0"
+    assert meta["lightning_lora.fingerprint"] == fingerprint(model)
+
+    fresh = tiny_gpt2()
+    loaded = load_adapter(fresh, adapter_path)
+    assert loaded.r == 4 and loaded.base_model == "tiny/gpt2"
+    assert torch.equal(model_output(fresh, batch), model_output(model, batch))
+    assert not list(adapter_path.glob(".*.tmp"))
+
+
+def test_round_trip_llama_all_linear_writes_matched_names(adapter_path):
+    model, batch = tiny_llama(), token_batch()
+    inject(model, LoRAConfig(r=2, target_modules="all-linear", use_rslora=True))
+    train_steps(model, batch)
+    save_adapter(model, adapter_path)
+    config = json.loads((adapter_path / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert config["use_rslora"] is True
+    fresh = tiny_llama()
+    load_adapter(fresh, adapter_path)
+    assert torch.equal(model_output(fresh, batch), model_output(model, batch))
+
+
+def test_modules_to_save_and_bias_round_trip(adapter_path):
+    model, batch = tiny_bert_classifier(), token_batch()
+    inject(model, LoRAConfig(r=2, target_modules=["query", "value"], modules_to_save=["classifier"],
+                             bias="lora_only", task_type="SEQ_CLS"))
+    train_steps(model, batch)
+    save_adapter(model, adapter_path)
+    with safe_open(adapter_path / "adapter_model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    assert {"base_model.model.classifier.weight", "base_model.model.classifier.bias",
+            "base_model.model.bert.encoder.layer.0.attention.self.query.base_layer.bias"} <= keys
+    fresh = tiny_bert_classifier()
+    fresh.classifier.reset_parameters()  # another head init: the saved head must replace it
+    assert not torch.allclose(model_output(fresh, batch), model_output(model, batch))
+    load_adapter(fresh, adapter_path)
+    assert torch.equal(model_output(fresh, batch), model_output(model, batch))
+
+
+def test_non_default_adapter_in_subfolder(adapter_path):
+    model, batch = _trained_gpt2()
+    inject(model, LoRAConfig(r=2, target_modules=["c_attn"]), adapter_name="second")
+    train_steps(model, batch)
+    save_adapter(model, adapter_path)
+    out = save_adapter(model, adapter_path, adapter_name="second")
+    assert out == adapter_path / "second"
+    assert (adapter_path / "second" / "adapter_model.safetensors").is_file()
+    assert (adapter_path / "adapter_model.safetensors").is_file()
+    fresh = tiny_gpt2()
+    load_adapter(fresh, adapter_path)
+    load_adapter(fresh, adapter_path, adapter_name="second")
+    assert torch.equal(model_output(fresh, batch), model_output(model, batch))
+    assert {n for _, layer in lora_layers(fresh) for n in layer.lora_a} == {"default", "second"}
+
+
+def test_load_into_existing_adapter_overwrites_values(adapter_path):
+    model, batch = _trained_gpt2()
+    save_adapter(model, adapter_path)
+    fresh = tiny_gpt2()
+    inject(fresh, LoRAConfig(r=4, alpha=8, target_modules=["c_attn"]))
+    load_adapter(fresh, adapter_path)
+    assert torch.equal(model_output(fresh, batch), model_output(model, batch))
+
+
+def test_load_refuses_other_config_for_existing_adapter(adapter_path):
+    model, _ = _trained_gpt2()
+    save_adapter(model, adapter_path)
+    fresh = tiny_gpt2()
+    inject(fresh, LoRAConfig(r=2, target_modules=["c_attn"]))
+    before = state_snapshot(fresh)
+    with pytest.raises(AdapterError, match="already has an adapter 'default' with another config"):
+        load_adapter(fresh, adapter_path)
+    assert_same_state(fresh, before)
+
+
+def test_fingerprint_mismatch_refused(adapter_path):
+    model, _ = _trained_gpt2()
+    save_adapter(model, adapter_path)
+    weights = adapter_path / "adapter_model.safetensors"
+    _header, meta = read_header(weights)
+    with safe_open(weights, "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    save_file(tensors, weights, metadata={**meta, "lightning_lora.fingerprint": "0" * 64})
+    fresh = tiny_gpt2()
+    before = state_snapshot(fresh)
+    with pytest.raises(AdapterError, match="trained on a different base model"):
+        load_adapter(fresh, adapter_path)
+    assert_same_state(fresh, before)
+
+
+def test_validate_adapter_reports(adapter_path):
+    model, _ = _trained_gpt2()
+    save_adapter(model, adapter_path, base_model="tiny/gpt2", card="# card\n")
+    info = validate_adapter(adapter_path)
+    assert info.base_model == "tiny/gpt2" and info.config.r == 4
+    assert info.num_params == 2 * (4 * 32 + 96 * 4)
+    assert info.size_bytes == sum(p.stat().st_size for p in adapter_path.iterdir())
+    assert (adapter_path / "README.md").read_text() == "# card\n"
+
+
+def test_save_unknown_adapter_name(adapter_path):
+    model, _ = _trained_gpt2()
+    with pytest.raises(KeyError, match="no adapter named 'x' to save; the model has \\['default'\\]"):
+        save_adapter(model, adapter_path, adapter_name="x")

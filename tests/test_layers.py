@@ -1,0 +1,210 @@
+"""The LoRA layers against the paper's formula h = W0 x + (alpha / r) B A x: outputs and gradients of the
+fused paths equal the plain formula, the adapted layer equals the base at init, dropout touches only the
+LoRA branch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from lightning_lora import LoRAConfig, LoRAConv, LoRAEmbedding, LoRALinear, inject, lora_linear
+
+TOL = {"atol": 1e-5, "rtol": 1e-5}
+
+
+def _randomize_b(layer, name: str = "default") -> None:
+    """Make the LoRA branch non-zero (B is zero at init; for embeddings A is)."""
+    with torch.no_grad():
+        for p in (layer.lora_a[name], layer.lora_b[name]):
+            p.normal_(0, 0.3)
+
+
+def _grads(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    out = [t.grad.clone() for t in tensors]
+    for t in tensors:
+        t.grad = None
+    return out
+
+
+def test_worked_example_768_r8():
+    """The seed's example: 768x768 Linear, r=8 -> 2 * 8 * 768 = 12,288 trainable of 602,880 (2.04 %)."""
+    model = nn.Sequential(nn.Linear(768, 768))
+    x = torch.randn(4, 768)
+    before = model(x)
+    summary = inject(model, LoRAConfig(r=8, alpha=16, target_modules=["0"]))
+    assert (summary.trainable, summary.total) == (12_288, 602_880)
+    assert f"{100 * summary.ratio:.2f}" == "2.04"
+    assert str(summary) == "trainable params: 12,288 / 602,880 (2.04 %)"
+    assert isinstance(model[0], LoRALinear)
+    assert torch.allclose(model(x), before, atol=0, rtol=0)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == [
+        "0.lora_A.default", "0.lora_B.default"]
+
+
+def _linear_case(kind: str, bias: bool):
+    torch.manual_seed(0)
+    base = nn.Linear(12, 20, bias=bias) if kind == "linear" else Conv1D(20, 12)
+    if kind == "conv1d_hf" and not bias:
+        base.bias = None
+    layer = LoRALinear(base)
+    layer.add_adapter("default", r=4, scaling=1.5)
+    _randomize_b(layer)
+    w = base.weight if kind == "linear" else base.weight.t()  # [out, in]
+    return layer, w
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d_hf"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_output_and_gradients_equal_plain_formula(kind, bias):
+    layer, w = _linear_case(kind, bias)
+    a, b, s = layer.lora_a["default"], layer.lora_b["default"], layer.scaling["default"]
+    base = layer.base_layer
+    params = [a, b, base.weight] + ([base.bias] if bias else [])
+    x = torch.randn(3, 5, 12, requires_grad=True)
+    grad_out = torch.randn(3, 5, 20)
+
+    fused = layer(x)
+    fused.backward(grad_out)
+    fused_grads = _grads(x, *params)
+
+    plain = F.linear(x, w, base.bias) + s * F.linear(F.linear(x, a), b)
+    plain.backward(grad_out)
+    plain_grads = _grads(x, *params)
+
+    assert fused.shape == (3, 5, 20)
+    assert torch.allclose(fused, plain, **TOL)
+    for got, want in zip(fused_grads, plain_grads):
+        assert torch.allclose(got, want, **TOL)
+
+
+def test_fused_function_skips_gradients_nobody_needs():
+    """The frozen base gets no weight gradient; an input that needs none gets none."""
+    layer, _ = _linear_case("linear", True)
+    layer.base_layer.requires_grad_(False)
+    x = torch.randn(6, 12)
+    layer(x).sum().backward()
+    assert layer.base_layer.weight.grad is None and x.grad is None
+    assert layer.lora_a["default"].grad is not None and layer.lora_b["default"].grad.abs().sum() > 0
+
+
+def test_lora_linear_function_is_the_formula():
+    x, w, bias = torch.randn(7, 10), torch.randn(6, 10), torch.randn(6)
+    a, b = torch.randn(3, 10), torch.randn(6, 3)
+    want = F.linear(x, w, bias) + 0.5 * F.linear(F.linear(x, a), b)
+    assert torch.allclose(lora_linear(x, w, bias, a, b, 0.5), want, **TOL)
+    assert torch.allclose(lora_linear(x, w.t().contiguous(), bias, a, b, 0.5, fan_in_fan_out=True), want, **TOL)
+
+
+def test_embedding_equals_formula_and_base_at_init():
+    torch.manual_seed(0)
+    base = nn.Embedding(30, 8, padding_idx=0)
+    layer = LoRAEmbedding(base)
+    layer.add_adapter("default", r=4, scaling=2.0)
+    ids = torch.tensor([[0, 3, 29, 3], [5, 6, 7, 0]])
+    assert torch.equal(layer(ids), base(ids))
+    _randomize_b(layer)
+    a, b = layer.lora_a["default"], layer.lora_b["default"]
+    out = layer(ids)
+    out.sum().backward()
+    got = _grads(a, b)
+    plain = base(ids) + 2.0 * (a.t()[ids] @ b.t())
+    plain.sum().backward()
+    want_a, want_b = _grads(a, b)
+    want_a[:, 0] = 0  # padding_idx rows get no gradient, as in the base embedding (and PEFT)
+    assert torch.allclose(out, plain, **TOL)
+    for g, w in zip(got, (want_a, want_b)):
+        assert torch.allclose(g, w, **TOL)
+    merged = base.weight + layer.delta_weight("default")
+    assert torch.allclose(F.embedding(ids, merged), plain, **TOL)
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+def test_conv_equals_formula_and_merges(dims):
+    torch.manual_seed(0)
+    conv = nn.Conv1d if dims == 1 else nn.Conv2d
+    base = conv(4, 6, 3, stride=2, padding=1, dilation=1)
+    layer = LoRAConv(base)
+    layer.add_adapter("default", r=2, scaling=0.75)
+    x = torch.randn(2, 4, *([9] * dims), requires_grad=True)
+    assert torch.equal(layer(x), base(x))
+    _randomize_b(layer)
+    a, b = layer.lora_a["default"], layer.lora_b["default"]
+    assert a.shape == (2, 4, *([3] * dims)) and b.shape == (6, 2, *([1] * dims))
+    out = layer(x)
+    out.square().sum().backward()
+    got = _grads(x, a, b)
+    fn = F.conv1d if dims == 1 else F.conv2d
+    plain = base(x) + 0.75 * fn(fn(x, a, None, 2, 1), b)
+    plain.square().sum().backward()
+    want = _grads(x, a, b)
+    assert torch.allclose(out, plain, **TOL)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, atol=1e-4, rtol=1e-4)
+    merged = fn(x.detach(), base.weight + layer.delta_weight("default"), base.bias, 2, 1)
+    assert torch.allclose(merged, plain.detach(), atol=1e-5, rtol=1e-4)
+
+
+def test_grouped_conv_refused_with_advice():
+    with pytest.raises(ValueError, match="groups=1.*exclude this module"):
+        LoRAConv(nn.Conv2d(4, 4, 3, groups=2))
+
+
+def test_dropout_only_on_lora_branch():
+    layer, w = _linear_case("linear", True)
+    layer.dropout_p["default"] = 0.5
+    a, b, s = layer.lora_a["default"], layer.lora_b["default"], layer.scaling["default"]
+    x = torch.randn(64, 12)
+    layer.train()
+    torch.manual_seed(7)
+    out = layer(x)
+    torch.manual_seed(7)
+    dropped = F.dropout(x, 0.5, training=True)
+    assert not torch.equal(dropped, x)
+    want = F.linear(x, w, layer.base_layer.bias) + s * F.linear(F.linear(dropped, a), b)
+    assert torch.allclose(out, want, **TOL)
+    layer.eval()  # no dropout at inference: the plain formula on x
+    assert torch.allclose(layer(x), F.linear(x, w, layer.base_layer.bias) + s * F.linear(F.linear(x, a), b), **TOL)
+    # with the LoRA branch at zero the output is the base output bit for bit, dropout or not
+    layer.train()
+    with torch.no_grad():
+        b.zero_()
+    assert torch.allclose(layer(x), layer.base_layer(x), atol=1e-6, rtol=0)
+
+
+def test_no_dropout_means_no_copy():
+    layer, _ = _linear_case("linear", True)
+    x = torch.randn(2, 12)
+    assert layer._dropped(x, "default") is x
+
+
+def test_half_precision_base_keeps_fp32_adapter():
+    torch.manual_seed(0)
+    base = nn.Linear(16, 8).to(torch.bfloat16)
+    layer = LoRALinear(base)
+    layer.add_adapter("default", r=2, scaling=2.0)
+    _randomize_b(layer)
+    a, b = layer.lora_a["default"], layer.lora_b["default"]
+    assert a.dtype == torch.float32
+    x = torch.randn(4, 16, dtype=torch.bfloat16)
+    out = layer(x)
+    assert out.dtype == torch.bfloat16
+    want = base(x).float() + 2.0 * F.linear(F.linear(x.float(), a), b)
+    assert torch.allclose(out.float(), want, atol=5e-2, rtol=2e-2)
+
+
+def test_merge_unmerge_round_trip_and_double_merge_refused():
+    layer, _ = _linear_case("conv1d_hf", True)
+    x = torch.randn(5, 12)
+    want = layer(x)
+    original = layer.base_layer.weight.detach().clone()
+    layer.merge()
+    assert torch.allclose(layer(x), want, **TOL)
+    assert torch.allclose(layer.base_layer(x), want, **TOL)
+    with pytest.raises(RuntimeError, match="already merged; unmerge it first"):
+        layer.merge()
+    layer.unmerge()
+    assert torch.allclose(layer.base_layer.weight, original, atol=1e-6)
+    assert torch.allclose(layer(x), want, **TOL)

@@ -1,0 +1,89 @@
+"""The fast paths: they must compile without graph breaks and compute exactly the plain formula."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from lightning_lora import LoRAConfig, inject, lora_layers
+
+
+class Mixed(nn.Module):
+    """One of each layer LoRA wraps: Embedding -> Linear -> Conv1D -> Conv1d."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(20, 16)
+        self.proj = nn.Linear(16, 24)
+        self.c_fc = Conv1D(16, 24)
+        self.conv = nn.Conv1d(16, 8, 3, padding=1)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.c_fc(torch.relu(self.proj(self.embed(ids))))
+        return self.conv(h.transpose(1, 2)).mean()
+
+
+def _adapted(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = Mixed()
+    inject(model, LoRAConfig(r=4, alpha=8, target_modules=["embed", "proj", "c_fc", "conv"]))
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            for p in (*layer.lora_a.values(), *layer.lora_b.values()):
+                p.normal_(0, 0.2)
+    return model.train()
+
+
+def test_compile_fullgraph_no_graph_breaks_same_output_and_grads():
+    ids = torch.randint(0, 20, (2, 6))
+    eager, compiled_model = _adapted(), _adapted()
+    explanation = torch._dynamo.explain(compiled_model)(ids)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    compiled = torch.compile(compiled_model, fullgraph=True, backend="aot_eager")
+    want, got = eager(ids), compiled(ids)
+    want.backward()
+    got.backward()
+    assert torch.allclose(got, want, atol=1e-6)
+    grads = {n: p.grad for n, p in compiled_model.named_parameters() if p.requires_grad}
+    assert len(grads) == 8
+    for name, param in eager.named_parameters():
+        if param.requires_grad:
+            assert torch.allclose(grads[name], param.grad, atol=1e-5), name
+
+
+def test_fast_path_taken_only_when_it_is_exact():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8))
+    inject(model, LoRAConfig(r=2, target_modules=["0"]))
+    layer = model[0]
+    x = torch.randn(3, 8)
+    layer.train()
+    assert layer._fast_path_ok(x, "default")
+    assert not layer._fast_path_ok(x.double(), "default")  # dtype mismatch: the general path casts
+    layer.dropout_p["default"] = 0.1
+    assert not layer._fast_path_ok(x, "default")  # dropout in training: the general path drops the LoRA input
+    layer.eval()
+    assert layer._fast_path_ok(x, "default")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not layer._fast_path_ok(x, "default")
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "grad"])
+def test_fast_path_equals_formula_in_every_grad_mode(mode):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 12))
+    inject(model, LoRAConfig(r=4, alpha=4, target_modules=["0"]))
+    layer = model[0]
+    with torch.no_grad():
+        layer.lora_b["default"].normal_()
+    x = torch.randn(2, 5, 16)
+    a, b, base = layer.lora_a["default"], layer.lora_b["default"], layer.base_layer
+    want = base(x) + 1.0 * F.linear(F.linear(x, a), b)
+    context = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode, "grad": torch.enable_grad}[mode]
+    with context():
+        got = model(x)
+    assert torch.allclose(got, want.detach(), atol=1e-6)
+    assert got.requires_grad == (mode == "grad")
