@@ -78,6 +78,9 @@ class LoRAConfig:
         alpha_pattern: per-module alpha overrides, likewise.
         fan_in_fan_out: the base weights are stored ``[in, out]`` (GPT-2's Conv1D); set automatically.
         quantize: ``"nf4"`` quantizes the frozen base weights of adapted layers (QLoRA).
+        quant_backend: ``"bnb"`` (bitsandbytes) or ``"torchao"``; None takes the first installed. Not a PEFT key.
+        compute_dtype: dtype of the 4-bit base's matmul: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+            Not a PEFT key.
         base_model: the base model's id or path, written as ``base_model_name_or_path``.
         task_type: PEFT's task type (``"CAUSAL_LM"``, ``"SEQ_CLS"``, ...), optional.
     """
@@ -96,6 +99,8 @@ class LoRAConfig:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     fan_in_fan_out: bool = False
     quantize: Quantize | None = None
+    quant_backend: Literal["bnb", "torchao"] | None = None
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     base_model: str | None = None
     task_type: str | None = None
 
@@ -108,14 +113,19 @@ class LoRAConfig:
             raise ConfigError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
         self.target_modules = _names_or_regex("target_modules", self.target_modules)
         self.exclude_modules = _names_or_regex("exclude_modules", self.exclude_modules)
-        if self.modules_to_save is not None:
-            self.modules_to_save = _names_or_regex("modules_to_save", list(self.modules_to_save))
+        if self.modules_to_save is not None:  # a list of names; one bare name is taken as a list of one
+            names = [self.modules_to_save] if isinstance(self.modules_to_save, str) else self.modules_to_save
+            self.modules_to_save = _names_or_regex("modules_to_save", names)
         if self.bias not in ("none", "all", "lora_only"):
             raise ConfigError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
         if self.init not in _INIT_TO_PEFT:
             raise ConfigError(f"init must be 'kaiming' or 'gaussian', got {self.init!r}")
         if self.quantize not in (None, "nf4"):
             raise ConfigError(f"quantize must be None or 'nf4', got {self.quantize!r}")
+        if self.quant_backend not in (None, "bnb", "torchao"):
+            raise ConfigError(f"quant_backend must be None, 'bnb' or 'torchao', got {self.quant_backend!r}")
+        if self.compute_dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"compute_dtype must be 'float32', 'bfloat16' or 'float16', got {self.compute_dtype!r}")
         for name in ("rank_pattern", "alpha_pattern"):
             pattern = getattr(self, name)
             if not isinstance(pattern, dict) or not all(isinstance(k, str) for k in pattern):
@@ -183,8 +193,12 @@ class LoRAConfig:
         if peft_type != "LORA":
             raise ConfigError(f"peft_type must be 'LORA', got {peft_type!r}: only LoRA adapters are supported")
         init = data.get("init_lora_weights", True)
-        if init not in (True, "gaussian"):
-            raise ConfigError(f"init_lora_weights={init!r} is not supported; use true or 'gaussian'")
+        # False (A and B both random) only changes a fresh adapter's start; a saved one holds trained A and B.
+        if init not in (True, False, "gaussian"):
+            raise ConfigError(f"init_lora_weights={init!r} is not supported; use true, false or 'gaussian'")
+        for key in ("base_model_name_or_path", "task_type", "revision"):
+            if not isinstance(data.get(key), (str, type(None))):
+                raise ConfigError(f"{key} must be a string or null, got {data[key]!r}")
         unsupported = {
             k: data[k]
             for k in ("layers_to_transform", "layer_replication", "use_qalora", "lora_bias", "target_parameters")
@@ -200,12 +214,12 @@ class LoRAConfig:
             exclude_modules=data.get("exclude_modules"),
             bias=data.get("bias", "none"),
             modules_to_save=data.get("modules_to_save"),
-            use_rslora=bool(data.get("use_rslora", False)),
-            use_dora=bool(data.get("use_dora", False)),
+            use_rslora=_flag(data, "use_rslora"),
+            use_dora=_flag(data, "use_dora"),
             init="gaussian" if init == "gaussian" else "kaiming",
             rank_pattern=data.get("rank_pattern") or {},
             alpha_pattern=data.get("alpha_pattern") or {},
-            fan_in_fan_out=bool(data.get("fan_in_fan_out", False)),
+            fan_in_fan_out=_flag(data, "fan_in_fan_out"),
             base_model=data.get("base_model_name_or_path"),
             task_type=data.get("task_type"),
         )
@@ -219,6 +233,14 @@ def matches(spec: list[str] | str | None, path: str) -> bool:
     if isinstance(spec, str):
         return re.fullmatch(spec, path) is not None
     return any(path == name or path.endswith("." + name) for name in spec)
+
+
+def _flag(data: dict[str, Any], key: str) -> bool:
+    """A true/false field of adapter_config.json; anything else (e.g. the string "false") is refused."""
+    value = data.get(key)
+    if not isinstance(value, (bool, type(None))):
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    return bool(value)
 
 
 def _pattern_lookup(pattern: dict[str, Any], path: str, default: Any) -> Any:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -36,6 +37,8 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 CARD_NAME = "README.md"
 PREFIX = "base_model.model."
 META = "lightning_lora."
+#: Module-path segments that wrappers insert (torch.compile, FSDP, activation checkpointing): not part of a key.
+WRAPPER_SEGMENTS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
 #: LoRA parameter kinds and their saved suffix: PEFT's A/B are nn.Linear modules (hence ``.weight``).
 _KIND_SUFFIX = {
     "lora_A": "lora_A.weight", "lora_B": "lora_B.weight",
@@ -239,7 +242,7 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, dict], dict[str, str
         raise AdapterError(f"{path}: data section is {size - 8 - n} bytes but the header describes "
                            f"{max(e for _, e in spans)} (truncated or corrupt file)")
     spans.sort()
-    if any(b < e_prev for (_, e_prev), (b, _) in zip(spans, spans[1:])):
+    if any(b < e_prev for (_, e_prev), (b, _) in itertools.pairwise(spans)):
         raise AdapterError(f"{path}: tensors overlap in the data section (corrupt file)")
     return header, {str(k): str(v) for k, v in metadata.items()}
 
@@ -357,8 +360,8 @@ def _key(param_name: str) -> str:
 
 
 def _strip(path: str) -> str:
-    """Drop the ``_orig_mod.`` segments that `torch.compile` adds to module paths."""
-    return ".".join(p for p in path.split(".") if p != "_orig_mod")
+    """Drop the wrapper segments that `torch.compile`, FSDP and activation checkpointing add to module paths."""
+    return ".".join(p for p in path.split(".") if p not in WRAPPER_SEGMENTS)
 
 
 def _hint(key: str) -> str:

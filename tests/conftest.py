@@ -57,7 +57,7 @@ def hub_token(tmp_path, monkeypatch):
 
 
 # -- hypothesis: no example database in the checkout, no per-example deadline on 2 shared cores ----------------
-from hypothesis import settings as _hypothesis_settings  # noqa: E402
+from hypothesis import settings as _hypothesis_settings
 
 _hypothesis_settings.register_profile("lightning-lora", database=None, deadline=None)
 _hypothesis_settings.load_profile("lightning-lora")

@@ -160,3 +160,29 @@ def point_hf_client(monkeypatch, url: str, home, token: str | None = None, xet: 
     for key, value in patched.items():
         monkeypatch.setattr(constants, key, value)
     monkeypatch.setattr(hf_api.api, "endpoint", url)  # the instance behind huggingface_hub.create_repo & co.
+
+
+def run_script(script, root, *args: str, timeout: float = 240):
+    """Run a multi-process Lightning script (DDP / FSDP re-execute ``sys.argv`` for rank 1, which a pytest
+    process cannot) as ``python script root *args`` in its own process group, killed whole if it outlives
+    `timeout`. Returns the `subprocess.CompletedProcess`, stdout and stderr merged."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONPATH": str(Path(script).parent)}
+    for var in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    proc = subprocess.Popen([sys.executable, str(script), str(root), *args], env=env, cwd=root,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # rank 1 is rank 0's child: never leave it behind
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")

@@ -287,10 +287,15 @@ def test_half_precision_adapter_loads(good_adapter, tmp_path):
     ({"target_modules": "(unclosed"}, r"target_modules='\(unclosed' is not a valid regular expression"),
     ({"bias": "yes"}, r"bias must be 'none', 'all' or 'lora_only', got 'yes'"),
     ({"init": "zeros"}, r"init must be 'kaiming' or 'gaussian'"),
+    ({"modules_to_save": False}, r"modules_to_save must be a list of module names"),
 ])
 def test_config_errors_name_the_field(fields, message):
     with pytest.raises(ConfigError, match=message):
         LoRAConfig(**fields)
+
+
+def test_one_module_to_save_is_a_list_of_one():
+    assert LoRAConfig(modules_to_save="classifier").modules_to_save == ["classifier"]  # not 10 letters
 
 
 # -- property-based tests --------------------------------------------------------------------------------
@@ -332,7 +337,8 @@ def test_any_json_config_is_a_config_or_a_config_error(data):
         assert str(err)
     else:
         assert config.r > 0 and config.alpha > 0 and 0 <= config.dropout < 1
-        assert LoRAConfig.from_peft_dict(config.to_peft_dict()) == config
+        written = config.to_peft_dict()  # what we write reads back as the same config
+        assert LoRAConfig.from_peft_dict(written).to_peft_dict() == written
 
 
 LLAMA = tiny_llama(layers=2, hidden=16)
