@@ -103,7 +103,7 @@ def inject(
     if any(isinstance(m, LoRALayer) and m.merged_adapters for _, m in lora_layers(model)):
         raise RuntimeError("the model has merged adapters; unmerge(model) before injecting another adapter")
     if config.use_dora:
-        raise ConfigError("use_dora is not supported yet")
+        _check_dora_targets(model, targets)
     if config.quantize:
         from .quant import quantize_targets  # optional backends, imported only when asked for
 
@@ -111,7 +111,8 @@ def inject(
     fan_in_fan_out = False
     for path in targets:
         layer = _wrap(model, path)
-        layer.add_adapter(adapter_name, config.rank_for(path), config.scaling(path), config.dropout, config.init)
+        layer.add_adapter(adapter_name, config.rank_for(path), config.scaling(path), config.dropout, config.init,
+                          use_dora=config.use_dora)
         fan_in_fan_out |= getattr(layer, "fan_in_fan_out", False)
     config = config.replace(fan_in_fan_out=fan_in_fan_out)
     if not hasattr(model, _REGISTRY):
@@ -137,7 +138,8 @@ def set_adapter(model: nn.Module, adapter_name: str) -> None:
 
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[None]:
-    """Within the block, `model` computes the base model's output (the adapters are bypassed)."""
+    """Within the block, `model` computes the base model's output (the adapters are bypassed). Exception:
+    ``modules_to_save`` train in place (no copy is kept), so inside the block they keep their trained weights."""
     layers = [layer for _, layer in lora_layers(model)]
     if any(layer.merged_adapters for layer in layers):
         raise RuntimeError("adapters are merged into the base weights; unmerge(model) before disabling them")
@@ -167,6 +169,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
 def merge(model: nn.Module) -> None:
     """Fold the active adapter into the base weights, in place; forward then costs what the base costs.
     Raises if it is already merged (merging twice would add the update twice)."""
+    _check_not_shared(model)
     for _, layer in lora_layers(model):
         layer.merge()
 
@@ -180,6 +183,7 @@ def unmerge(model: nn.Module) -> None:
 def unload(model: nn.Module) -> nn.Module:
     """The plain model: the active adapter merged into the base weights and every LoRA layer replaced by its
     original module, so it runs exactly as fast as the base. Changes `model` in place and returns it."""
+    _check_not_shared(model)
     for path, layer in list(lora_layers(model)):
         if not layer.merged_adapters:
             layer.merge()
@@ -212,6 +216,20 @@ def extra_trainable(model: nn.Module, config: LoRAConfig) -> dict[str, nn.Parame
     return out
 
 
+def _check_not_shared(model: nn.Module) -> None:
+    """Refuse to fold an update into a weight another module shares (tied embeddings): it would change both."""
+    owners: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name)
+    for path, layer in lora_layers(model):
+        names = owners.get(id(layer.base_weight), [])
+        if len(names) > 1 and layer.active_adapters and not layer.merged_adapters:
+            raise RuntimeError(
+                f"{path}.base_layer.weight is shared with {', '.join(n for n in names if not n.startswith(path + '.'))}"
+                f" (tied weights); merging would change both. Keep the adapter unmerged, or untie the weights first"
+            )
+
+
 def _wrap(model: nn.Module, path: str) -> LoRALayer:
     module = model.get_submodule(path)
     if isinstance(module, LoRALayer):
@@ -231,6 +249,14 @@ def _config(model: nn.Module, adapter_name: str) -> LoRAConfig:
     if adapter_name not in registry:
         raise KeyError(f"no adapter named {adapter_name!r}; the model has {list(registry) or 'none'}")
     return registry[adapter_name]
+
+
+def _check_dora_targets(model: nn.Module, targets: list[str]) -> None:
+    for path in targets:
+        module = model.get_submodule(path)
+        if not isinstance(module, LoRALinear) and lora_class_for(module) is not LoRALinear:
+            raise ConfigError(f"use_dora=True supports Linear and Conv1D targets only, but {path!r} is a "
+                              f"{type(module).__name__}; exclude it (exclude_modules) or set use_dora=False")
 
 
 def _check_name(adapter_name: str) -> None:

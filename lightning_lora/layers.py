@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import quant
+
 try:  # GPT-2 style layers store their weight transposed, as [in, out].
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover - transformers is a dependency, but the layers don't need it
@@ -62,8 +64,13 @@ class LoRALayer(nn.Module):
     def base_weight(self) -> torch.Tensor:
         return self.base_layer.weight
 
-    def add_adapter(self, name: str, r: int, scaling: float, dropout: float = 0.0, init: str = "kaiming") -> None:
+    def add_adapter(
+        self, name: str, r: int, scaling: float, dropout: float = 0.0, init: str = "kaiming", use_dora: bool = False
+    ) -> None:
         """Create adapter `name` of rank `r` whose output starts at exactly zero."""
+        if use_dora:
+            raise ValueError(f"DoRA supports Linear and Conv1D layers only, not {type(self.base_layer).__name__}; "
+                             f"exclude this module from target_modules")
         shape_a, shape_b = self._shapes(r)
         weight = self.base_weight
         dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
@@ -100,17 +107,22 @@ class LoRALayer(nn.Module):
         for name in list(names if names is not None else self.active_adapters):
             if name in self.merged_adapters:
                 raise RuntimeError(f"adapter {name!r} is already merged; unmerge it first")
-            weight = self.base_weight
-            weight.add_(self.delta_weight(name).to(weight.dtype))
+            self._merge_one(name)
             self.merged_adapters.append(name)
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Subtract every merged adapter's delta from the base weight again."""
         while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            weight = self.base_weight
-            weight.sub_(self.delta_weight(name).to(weight.dtype))
+            self._unmerge_one(self.merged_adapters.pop())
+
+    def _merge_one(self, name: str) -> None:
+        weight = self.base_weight
+        weight.add_(self.delta_weight(name).to(weight.dtype))
+
+    def _unmerge_one(self, name: str) -> None:
+        weight = self.base_weight
+        weight.sub_(self.delta_weight(name).to(weight.dtype))
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """``s * B A`` in the base weight's layout, computed in fp32 at least."""
@@ -144,35 +156,143 @@ class LoRALayer(nn.Module):
 
 
 class LoRALinear(LoRALayer):
-    """LoRA around ``nn.Linear`` or transformers' ``Conv1D`` (GPT-2, weight stored ``[in, out]``).
+    """LoRA (and DoRA) around ``nn.Linear`` or transformers' ``Conv1D`` (GPT-2, weight stored ``[in, out]``),
+    or a 4-bit base from `lightning_lora.quant` (QLoRA).
 
     Shapes follow PEFT for both: A ``[r, in]``, B ``[out, r]``. With one active adapter, no dropout and no
     autocast, forward and backward run through `lora_linear`, which saves only what the backward needs.
+
+    DoRA (Liu et al. 2024) splits the adapted weight into a magnitude and a direction,
+
+        W' = m * (W0 + s B A) / ||W0 + s B A||,      ||.|| the L2 norm of each output row (over the inputs),
+
+    with ``m`` (``lora_magnitude_vector``, one entry per output) trainable and initialised to ``||W0||`` so
+    the layer starts at the base. As the paper suggests (sec. 4.3) and PEFT does, the norm is a constant in
+    backward. Then ``h = g * (W0 x + s B A x) + bias`` with ``g = m / ||W0 + s B A||``: the fused LoRA matmul
+    plus one ``addcmul``, and the norm comes without forming ``B A`` ([out, in]) from
+
+        ||W0 + s B A||^2 = ||W0||^2 + rowsum(sB * (2 W0 A^T + sB A A^T)),
+
+    which costs one ``[r, in] x [in, out]`` product instead of an ``[out, r] x [r, in]`` one plus two passes
+    over an ``[out, in]`` matrix.
     """
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.fan_in_fan_out = isinstance(base_layer, Conv1D) if Conv1D else False
         self.in_features, self.out_features = (
-            base_layer.weight.shape if self.fan_in_fan_out else base_layer.weight.shape[::-1]
+            base_layer.weight.shape if self.fan_in_fan_out else (base_layer.in_features, base_layer.out_features)
         )
+        self.lora_magnitude_vector = nn.ParameterDict()
+        self._dora_merged_scale: dict[str, torch.Tensor] = {}
+        self._sq_norm_key: tuple | None = None
+        quant.keep_unpacked(base_layer)  # a 4-bit base must stay readable by merge and DoRA
 
     def _shapes(self, r: int):
         return (r, self.in_features), (self.out_features, r)
+
+    def add_adapter(
+        self, name: str, r: int, scaling: float, dropout: float = 0.0, init: str = "kaiming", use_dora: bool = False
+    ) -> None:
+        """Create adapter `name`; with `use_dora` also its magnitude ``m = ||W0||`` (per output row)."""
+        super().add_adapter(name, r, scaling, dropout, init)
+        if use_dora:
+            self.lora_magnitude_vector[name] = nn.Parameter(self.dora_norm(name).to(self.lora_a[name].dtype))
+
+    def delete_adapter(self, name: str) -> None:
+        super().delete_adapter(name)
+        if name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[name]
+
+    def adapter_params(self, name: str) -> Iterable[nn.Parameter]:
+        extra = (self.lora_magnitude_vector[name],) if name in self.lora_magnitude_vector else ()
+        return (*super().adapter_params(name), *extra)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         a, b = self.lora_a[name], self.lora_b[name]
         delta = (b.float() @ a.float()) * self.scaling[name]
         return delta.t() if self.fan_in_fan_out else delta
 
+    # -- DoRA -----------------------------------------------------------------------------------------------
+    def dense_weight(self) -> torch.Tensor:
+        """The base weight as ``[out, in]`` (a view for dense layers, dequantized for a 4-bit base)."""
+        base = self.base_layer
+        if quant.is_quantized(base):
+            return quant.dequantize(base)
+        return base.weight.t() if self.fan_in_fan_out else base.weight
+
+    @torch.no_grad()
+    def dora_norm(self, name: str) -> torch.Tensor:
+        """``||W0 + s B A||`` per output row, in fp32 at least, without forming ``B A`` (see the class doc)."""
+        return self._dora_sq_norm(name).sqrt_()
+
+    def _dora_sq_norm(self, name: str) -> torch.Tensor:
+        w = self.dense_weight()
+        dtype = torch.promote_types(w.dtype, torch.float32)
+        a = self.lora_a[name].to(dtype)
+        sb = self.lora_b[name].to(dtype) * self.scaling[name]
+        wa = F.linear(a, w.to(dtype)).t()  # W0 A^T, [out, r]
+        cross = torch.addmm(wa, sb, a @ a.t(), beta=2)  # 2 W0 A^T + sB A A^T
+        return torch.linalg.vecdot(sb, cross).add_(self._base_sq_norm(w, dtype)).clamp_min_(0)
+
+    def _base_sq_norm(self, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``||W0||^2`` per row, kept while the base weight's storage and version counter are unchanged
+        (merge, ``load_state_dict`` and ``.to()`` all change one of them; writes through ``.data`` do not).
+        Not cached for a 4-bit base, nor under ``torch.compile``, which fuses the norm into its kernels."""
+        if quant.is_quantized(self.base_layer) or torch.compiler.is_compiling():
+            return torch.linalg.vector_norm(w, dim=1, dtype=dtype).square_()
+        weight = self.base_layer.weight
+        key = (weight.data_ptr(), weight._version, dtype)
+        if self._sq_norm_key != key:
+            self._sq_norm = torch.linalg.vector_norm(w, dim=1, dtype=dtype).square_()
+            self._sq_norm_key = key
+        return self._sq_norm
+
+    def dora_scale(self, name: str) -> torch.Tensor:
+        """``g = m / ||W0 + s B A||``: differentiable in ``m`` only (the norm is a constant in backward)."""
+        m = self.lora_magnitude_vector[name]
+        with torch.no_grad():
+            inv_norm = self._dora_sq_norm(name).rsqrt_()
+        return m * inv_norm.to(m.dtype)
+
+    def _per_output(self, g: torch.Tensor) -> torch.Tensor:
+        """`g` shaped to scale the output rows of the stored base weight."""
+        return g.view(1, -1) if self.fan_in_fan_out else g.view(-1, 1)
+
+    # -- merge ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def merge(self, names: Iterable[str] | None = None) -> None:
+        """As `LoRALayer.merge`; a 4-bit base is first replaced by its dequantized dense layer (compute
+        dtype), so merge, unmerge and unload work on QLoRA models (`quant.unload_quantized` can re-quantize)."""
+        if quant.is_quantized(self.base_layer):
+            self.base_layer = quant.dequantize_module(self.base_layer)
+        super().merge(names)
+
+    def _merge_one(self, name: str) -> None:
+        if name not in self.lora_magnitude_vector:
+            return super()._merge_one(name)
+        g = self.dora_scale(name).float()  # from the unmerged weight, as forward computes it
+        self._dora_merged_scale[name] = g
+        weight = self.base_weight
+        weight.add_(self.delta_weight(name).to(weight.dtype)).mul_(self._per_output(g).to(weight.dtype))
+
+    def _unmerge_one(self, name: str) -> None:
+        if name not in self.lora_magnitude_vector:
+            return super()._unmerge_one(name)
+        g = self._dora_merged_scale.pop(name)
+        weight = self.base_weight
+        weight.div_(self._per_output(g).to(weight.dtype)).sub_(self.delta_weight(name).to(weight.dtype))
+
+    # -- forward --------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         names = self._unmerged_active()
         if len(names) == 1 and self._fast_path_ok(x, names[0]):
-            name = names[0]
-            return lora_linear(
-                x, self.base_layer.weight, self.base_layer.bias, self.lora_a[name], self.lora_b[name],
-                self.scaling[name], self.fan_in_fan_out,
-            )
+            name, base = names[0], self.base_layer
+            a, b, s = self.lora_a[name], self.lora_b[name], self.scaling[name]
+            if name not in self.lora_magnitude_vector:
+                return lora_linear(x, base.weight, base.bias, a, b, s, self.fan_in_fan_out)
+            u = lora_linear(x, base.weight, None, a, b, s, self.fan_in_fan_out)  # (W0 + s B A) x
+            return _ScaleOutputs.apply(u, self.dora_scale(name), base.bias)
         return super().forward(x)
 
     def _fast_path_ok(self, x: torch.Tensor, name: str) -> bool:
@@ -187,7 +307,12 @@ class LoRALinear(LoRALayer):
     def _lora_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
         a = self.lora_a[name]
         x = self._dropped(x, name).to(a.dtype)
-        return F.linear(F.linear(x, a), self.lora_b[name]) * self.scaling[name]
+        lora = F.linear(F.linear(x, a), self.lora_b[name]) * self.scaling[name]
+        if name not in self.lora_magnitude_vector:
+            return lora
+        # DoRA added to the base output W0 x + bias: (g - 1) W0 x' + g s B A x' (x' = x after dropout, as PEFT).
+        g = self.dora_scale(name)
+        return (g - 1) * F.linear(x, self.dense_weight().to(x.dtype)) + g * lora
 
 
 class LoRAEmbedding(LoRALayer):
@@ -296,6 +421,27 @@ def lora_linear(
     `weight` is ``[out, in]`` (``[in, out]`` when `fan_in_fan_out`), `lora_a` ``[r, in]``, `lora_b` ``[out, r]``.
     """
     return _LoRALinearFunction.apply(x, weight, bias, lora_a, lora_b, scaling, fan_in_fan_out)
+
+
+class _ScaleOutputs(torch.autograd.Function):
+    """``h = u * g + bias`` (g per output feature) for DoRA, with one pass over ``[T, out]`` per gradient:
+    ``du = dy * g``, ``dg = sum_t dy * u`` (autograd's addcmul backward makes two multiplies for each)."""
+
+    @staticmethod
+    def forward(ctx, u, g, bias):
+        ctx.save_for_backward(u, g)
+        ctx.has_bias = bias is not None
+        return torch.addcmul(bias, u, g) if bias is not None else u * g
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        u, g = ctx.saved_tensors
+        need_u, need_g, need_bias = ctx.needs_input_grad
+        dy = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_u = grad_out * g if need_u else None
+        grad_g = torch.linalg.vecdot(dy, u.reshape(dy.shape), dim=0) if need_g else None
+        grad_bias = dy.sum(0) if need_bias and ctx.has_bias else None
+        return grad_u, grad_g, grad_bias
 
 
 def lora_class_for(module: nn.Module) -> type[LoRALayer] | None:

@@ -66,6 +66,8 @@ def test_outputs_and_gradients_equal_the_formula(kind, bias):
         g = torch.randn_like(ref)
         for got, want in zip(torch.autograd.grad(ours, [xg, *params], g), torch.autograd.grad(ref, [xg, *params], g)):
             assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+    model.load_state_dict({k: v * 1.5 if k == "0.base_layer.weight" else v for k, v in model.state_dict().items()})
+    assert torch.allclose(model(x), _plain_dora(layer, x), **TOL)  # the cached ||W0|| follows the new weight
 
 
 @pytest.mark.parametrize("factory", [tiny_gpt2, tiny_llama])
@@ -136,7 +138,7 @@ def test_callback_trains_dora_and_exports_it(tmp_path):
     callback = LoRACallback(r=4, alpha=8, target_modules=["c_attn", "c_proj"], use_dora=True, model_attr="model",
                             adapter_dir=tmp_path / "adapters")
     L.seed_everything(0, verbose=False)
-    L.Trainer(**trainer_kwargs(tmp_path, callbacks=[callback], max_epochs=2)).fit(module)
+    L.Trainer(**trainer_kwargs(tmp_path, callbacks=[callback])).fit(module)
     layer = module.model.transformer.h[0].attn.c_attn
     norm = layer.base_layer.weight.t().norm(dim=1)  # where the magnitude started
     assert (layer.lora_magnitude_vector["default"] - norm).abs().max() > 1e-4  # m trained
@@ -144,3 +146,10 @@ def test_callback_trains_dora_and_exports_it(tmp_path):
     load_adapter(fresh, tmp_path / "adapters" / "last")
     batch = token_batch()
     assert torch.allclose(model_output(fresh, batch), model_output(module.model.eval(), batch), **TOL)
+
+
+def test_dora_traces_without_graph_breaks():
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    inject(model, LoRAConfig(r=4, target_modules=["0", "2"], use_dora=True))
+    explanation = torch._dynamo.explain(model)(torch.randn(5, 16))
+    assert explanation.graph_break_count == 0, explanation.break_reasons

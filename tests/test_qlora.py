@@ -53,6 +53,20 @@ def test_nf4_linear_is_about_7x_smaller_and_computes_its_dequantized_weight(back
     assert q.bias is dense.bias
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_compute_dtype_trains_fp32_lora_on_top(backend):
+    model, batch = tiny_llama(hidden=64), token_batch()
+    want = model_output(model, batch)
+    inject(model, LoRAConfig(r=4, target_modules="all-linear", quantize="nf4", quant_backend=backend,
+                             compute_dtype="bfloat16"))
+    layer = model.model.layers[0].self_attn.q_proj
+    assert quant.dequantize(layer.base_layer).dtype == torch.bfloat16 and layer.lora_A["default"].dtype == torch.float32
+    got = model_output(model, batch)
+    assert got.dtype == torch.float32 and (got - want).abs().max() < 0.5  # NF4 + bf16 rounding, not garbage
+    losses = _train(model, batch, steps=4)
+    assert losses[-1] < losses[0] and all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+
+
 def _qlora_trained(backend: str, batch: dict) -> tuple[nn.Module, list[float]]:
     torch.manual_seed(0)
     model = tiny_llama(hidden=64)
@@ -155,3 +169,25 @@ def test_example_runs_offline(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "loss" in proc.stdout and "merge error" in proc.stdout
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_callback_trains_qlora_on_gpt2_conv1d(tmp_path):
+    import lightning as L
+    from helpers import tiny_gpt2
+    from lit_models import CausalLM, trainer_kwargs
+
+    from lightning_lora import LoRACallback
+
+    module = CausalLM(lr=0.02)
+    config = LoRAConfig(r=4, alpha=8, target_modules=["c_attn", "c_fc"], quantize="nf4")
+    L.seed_everything(0, verbose=False)
+    L.Trainer(**trainer_kwargs(tmp_path, callbacks=[LoRACallback(config, model_attr="model",
+                                                                 adapter_dir=tmp_path / "adapters")])).fit(module)
+    layer = module.model.transformer.h[0].attn.c_attn  # GPT-2's Conv1D, stored [in, out], now 4-bit [out, in]
+    assert quant.is_quantized(layer.base_layer) and (layer.in_features, layer.out_features) == (32, 96)
+    assert layer.lora_B["default"].abs().max() > 0
+    fresh = tiny_gpt2()
+    quant.quantize_model(fresh, config)
+    load_adapter(fresh, tmp_path / "adapters" / "last")
+    batch = token_batch()
+    assert torch.allclose(model_output(fresh, batch), model_output(module.model.eval(), batch), atol=1e-5, rtol=1e-5)

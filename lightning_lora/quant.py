@@ -1,0 +1,256 @@
+"""QLoRA's frozen 4-bit base (Dettmers et al. 2023) behind one small interface, with two backends.
+
+NF4 stores each block of 64 weights as 4-bit indices into the 16 quantiles of N(0, 1) scaled to [-1, 1],
+times the block's absmax; the absmaxes are quantized again to 8 bits in blocks of 256 ("double
+quantization"), so a weight costs about 4.13 bits: ~7.7x smaller than fp32. LoRA on top trains in full
+precision; the base computes ``x W^T`` by dequantizing W to ``compute_dtype`` on the fly.
+
+The interface (every function takes the 4-bit module, whatever its backend):
+
+- `quantize(linear, backend, compute_dtype)`: a frozen 4-bit copy of an ``nn.Linear`` (or GPT-2 ``Conv1D``);
+- `dequantize(module)`: its weight as a dense ``[out, in]`` tensor in the compute dtype;
+- `linear(module, x)`: ``x W^T + bias``;
+- `merge(module, delta, requantize)`: ``W + delta`` as a dense ``nn.Linear``, or 4-bit again.
+
+Backends: ``"bnb"`` is bitsandbytes' ``Linear4bit`` (also what transformers' ``BitsAndBytesConfig(
+load_in_4bit=True)`` loads, so such models are wrapped as they are); ``"torchao"`` is `NF4Linear`, an
+``nn.Linear`` whose weight is a torchao ``NF4Tensor``. On CPUs with AVX512-BF16, bitsandbytes repacks a
+``Linear4bit``'s weight in place at its first eval-mode forward (bf16 absmax), which a later dequantize then
+reads wrongly; we switch that repacking off for the layers we adapt and undo it where it already happened.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from .config import ConfigError, LoRAConfig
+
+BACKENDS = ("bnb", "torchao")
+_BLOCK = 64  # weights per absmax (both backends)
+_SCALER_BLOCK = 256  # absmaxes per second-level scale
+
+
+def available_backends() -> list[str]:
+    """The installed backends, in order of preference."""
+    out = []
+    for name, module in (("bnb", "bitsandbytes"), ("torchao", "torchao")):
+        try:
+            __import__(module)
+        except ImportError:
+            continue
+        out.append(name)
+    return out
+
+
+def resolve_backend(backend: str | None) -> str:
+    """`backend`, or the first installed one when None; ConfigError with the install hint if missing."""
+    installed = available_backends()
+    if backend is None and installed:
+        return installed[0]
+    if backend in installed:
+        return backend
+    wanted = backend or "bnb or torchao"
+    raise ConfigError(f"quantize='nf4' needs the {wanted} backend, which is not installed; "
+                      f"pip install 'lightning-lora[{backend or 'bnb'}]'")
+
+
+class NF4Linear(nn.Linear):
+    """A frozen linear layer whose weight is a torchao ``NF4Tensor`` (the ``"torchao"`` backend).
+
+    It subclasses ``nn.Linear`` (without allocating a dense weight) so target matching treats it as one.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: nn.Parameter | None, compute_dtype: torch.dtype) -> None:
+        nn.Module.__init__(self)
+        self.out_features, self.in_features = weight.shape
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = bias
+        self.compute_dtype = compute_dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(self, x)
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """Whether `module` is a 4-bit layer of either backend."""
+    return isinstance(module, NF4Linear) or _is_bnb(module)
+
+
+def quantize(linear_layer: nn.Module, backend: str, compute_dtype: torch.dtype = torch.float32) -> nn.Linear:
+    """A frozen NF4 copy of `linear_layer` (``nn.Linear`` or ``Conv1D``); its bias object is kept as is."""
+    weight = linear_layer.weight.detach()
+    weight = weight.t() if not isinstance(linear_layer, nn.Linear) else weight  # Conv1D stores [in, out]
+    weight = weight.to(compute_dtype).contiguous()
+    bias = linear_layer.bias
+    if backend == "torchao":
+        return NF4Linear(_to_nf4(weight), bias, compute_dtype)
+    import bitsandbytes as bnb
+
+    out_features, in_features = weight.shape
+    module = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=compute_dtype,
+                               compress_statistics=True, quant_type="nf4", device="meta")
+    module.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=True, quant_type="nf4",
+                                      module=module).to(weight.device)
+    module.bias = bias
+    keep_unpacked(module)
+    return module
+
+
+def dequantize(module: nn.Module) -> torch.Tensor:
+    """The dense ``[out, in]`` weight of a 4-bit `module`, in its compute dtype."""
+    if isinstance(module, NF4Linear):
+        return module.weight.get_original_weight()
+    import bitsandbytes.functional as bnbf
+
+    param = module.weight
+    if getattr(param.quant_state, "packing_format_for_cpu", False):  # bnb's eval-time CPU repacking
+        param.data, param.quant_state = bnbf._convert_weight_packed_for_cpu_inverse(param.data, param.quant_state)
+    return bnbf.dequantize_4bit(param.data, param.quant_state).to(_compute_dtype(module))
+
+
+def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x W^T + bias`` with the 4-bit weight, computed in the module's compute dtype, returned in x's."""
+    if not isinstance(module, NF4Linear):
+        return module(x)
+    dtype = module.compute_dtype
+    out = _torchao_nf4()[1](x.to(dtype), module.weight)
+    if module.bias is not None:
+        out = out + module.bias.to(dtype)
+    return out.to(x.dtype)
+
+
+def merge(module: nn.Module, delta: torch.Tensor | None = None, requantize: bool = False) -> nn.Linear:
+    """``W + delta`` (``[out, in]``) as a dense ``nn.Linear`` in the compute dtype, or as a new 4-bit layer of
+    the same backend with `requantize`. The bias object is kept."""
+    weight = dequantize(module)
+    if delta is not None:
+        weight = weight + delta.to(weight.dtype)
+    dense = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    dense.weight = nn.Parameter(weight, requires_grad=False)
+    dense.bias = module.bias
+    if not requantize:
+        return dense
+    return quantize(dense, backend_of(module), _compute_dtype(module))
+
+
+def dequantize_module(module: nn.Module, dtype: torch.dtype | None = None) -> nn.Linear:
+    """`module` as a dense ``nn.Linear`` (compute dtype unless `dtype`): what merging a LoRA layer does to
+    its 4-bit base."""
+    dense = merge(module)
+    return dense if dtype is None else dense.to(dtype)
+
+
+def quantize_model(model: nn.Module, config: LoRAConfig) -> list[str]:
+    """Quantize `config`'s targets of `model` to NF4 without adding an adapter, so that an adapter trained
+    with QLoRA can then be loaded with `load_adapter`. Returns the paths quantized."""
+    from .inject import find_targets
+
+    targets = find_targets(model, config)
+    quantize_targets(model, targets, config)
+    return targets
+
+
+def unload_quantized(model: nn.Module, requantize: bool = False) -> dict[str, float]:
+    """`inject.unload` for a QLoRA model: each 4-bit base is dequantized to fp32, the adapter merged into it
+    exactly, and the result exported in the compute dtype, or as 4-bit again with `requantize`.
+
+    Returns, per adapted 4-bit layer, the relative error of the exported weight against the unmerged model's
+    effective weight ``W = dequantize(W0) + delta`` (DoRA: its merged form): ``||W_out - W||_F / ||W||_F``,
+    the rounding to the compute dtype, or the NF4 error of re-quantizing ``W``.
+    """
+    from .inject import lora_layers, unload
+
+    plan = {}
+    for path, layer in lora_layers(model):
+        if is_quantized(layer.base_layer):
+            plan[path] = (backend_of(layer.base_layer), _compute_dtype(layer.base_layer))
+            layer.base_layer = dequantize_module(layer.base_layer, torch.float32)
+    unload(model)
+    errors = {}
+    for path, (backend, dtype) in plan.items():
+        dense = model.get_submodule(path)
+        exact = dense.weight.detach().clone()
+        out = quantize(dense, backend, dtype) if requantize else dense.to(dtype)
+        got = dequantize(out) if requantize else out.weight
+        errors[path] = float((got.float() - exact).norm() / exact.norm().clamp_min(1e-30))
+        parent, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, out)
+    return errors
+
+
+def keep_unpacked(module: nn.Module) -> None:
+    """Switch off bitsandbytes' eval-time CPU repacking of a 4-bit weight (see the module doc)."""
+    if _is_bnb(module):
+        module.support_avx512bf16_for_cpu = False
+
+
+def backend_of(module: nn.Module) -> str:
+    return "torchao" if isinstance(module, NF4Linear) else "bnb"
+
+
+def weight_nbytes(module: nn.Module) -> int:
+    """Bytes held by the weight of `module` (a 4-bit one: packed data plus its quantization state)."""
+    if isinstance(module, NF4Linear):
+        nf4 = module.weight
+        return sum(getattr(nf4, name).nbytes for name in nf4.__tensor_flatten__()[0])
+    if _is_bnb(module):
+        state = module.weight.quant_state.as_dict(packed=True)
+        return module.weight.data.nbytes + sum(t.nbytes for t in state.values() if isinstance(t, torch.Tensor))
+    return module.weight.nbytes
+
+
+def quantize_targets(model: nn.Module, targets: Iterable[str], config: LoRAConfig) -> None:
+    """Replace each target of `model` (in place) by its NF4 version (``config.quant_backend``,
+    ``config.compute_dtype``). Layers already in 4-bit (e.g. loaded with ``BitsAndBytesConfig``) are kept."""
+    backend = resolve_backend(config.quant_backend)
+    dtype = getattr(torch, config.compute_dtype)
+    for path in targets:
+        module = model.get_submodule(path)
+        if is_quantized(module) or hasattr(module, "base_layer"):
+            continue
+        if not isinstance(module, nn.Linear) and type(module).__name__ != "Conv1D":
+            raise ConfigError(f"quantize='nf4' applies to linear targets only, but {path!r} is a "
+                              f"{type(module).__name__}; exclude it from target_modules or set quantize=None")
+        try:
+            new = quantize(module, backend, dtype)
+        except ValueError as err:
+            raise ConfigError(f"cannot quantize {path!r} with {backend}: {err}") from None
+        parent, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def _torchao_nf4():
+    """torchao's ``(to_nf4, linear_nf4)``; their module moved in torchao 0.18."""
+    try:
+        from torchao.quantization import to_nf4
+        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import linear_nf4
+    except ImportError:  # torchao < 0.18
+        from torchao.dtypes.nf4tensor import linear_nf4, to_nf4
+    return to_nf4, linear_nf4
+
+
+def _to_nf4(weight: torch.Tensor) -> torch.Tensor:
+    n = weight.numel()
+    if n % _BLOCK:
+        raise ValueError(f"torchao NF4 needs a weight size divisible by {_BLOCK}, got {tuple(weight.shape)}")
+    # Second-level blocks of 256 absmaxes, or the largest power of two dividing their count (tiny layers).
+    blocks, scaler_block = n // _BLOCK, _SCALER_BLOCK
+    while blocks % scaler_block:
+        scaler_block //= 2
+    return _torchao_nf4()[0](weight, _BLOCK, scaler_block)
+
+
+def _is_bnb(module: nn.Module) -> bool:
+    bnb = sys.modules.get("bitsandbytes")
+    return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
+
+
+def _compute_dtype(module: nn.Module) -> torch.dtype:
+    if isinstance(module, NF4Linear):
+        return module.compute_dtype
+    return module.compute_dtype or module.weight.quant_state.dtype
+
