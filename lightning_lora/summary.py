@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from .layers import LoRALayer
@@ -64,20 +66,27 @@ def summarize(model: nn.Module) -> LoRASummary:
             for p in module.parameters():
                 if id(p) not in seen:
                     seen.add(id(p))
-                    row[1] += p.numel() if p.requires_grad else 0
-                    row[2] += p.numel()
+                    row[1] += _count(p) if p.requires_grad else 0
+                    row[2] += _count(p)
     trainable = total = 0
     other = 0
     for p in model.parameters():
-        total += p.numel()
+        total += _count(p)
         if p.requires_grad:
-            trainable += p.numel()
+            trainable += _count(p)
             if id(p) not in seen:
-                other += p.numel()
+                other += _count(p)
     result = {k: tuple(v) for k, v in by_type.items()}
     if other:
         result["other (modules_to_save, biases)"] = (0, other, other)
     return LoRASummary(trainable, total, result)
+
+
+def _count(p: torch.Tensor) -> int:
+    """Logical element count: bitsandbytes' 4-bit weights are packed two to a byte, their shape in
+    ``quant_state``."""
+    state = getattr(p, "quant_state", None)
+    return math.prod(state.shape) if state is not None else p.numel()
 
 
 def _pct(part: int, whole: int) -> str:

@@ -73,6 +73,8 @@ def _qlora_trained(backend: str, batch: dict) -> tuple[nn.Module, list[float]]:
     summary = inject(model, LoRAConfig(r=4, alpha=8, target_modules="all-linear", quantize="nf4",
                                        quant_backend=backend))
     assert summary.trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    dense_total = sum(p.numel() for p in tiny_llama(hidden=64).parameters())
+    assert summary.total == dense_total + summary.trainable  # 4-bit weights counted at their logical size
     return model, _train(model, batch)
 
 
