@@ -16,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 import io as _bytes_io
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,18 +27,20 @@ from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
 from .config import ConfigError, LoRAConfig
 from .inject import adapter_configs, inject, lora_layers
-from .io import atomic_write, fingerprint, remove_stale_temps, save_adapter
+from .io import WRAPPER_SEGMENTS, atomic_write, fingerprint, remove_stale_temps, save_adapter
 from .summary import LoRASummary, summarize
 
 #: Where the primitive-only record of the LoRA config and base fingerprint lives in a `.ckpt`.
 RECORD_KEY = "lightning_lora"
 _CONFIG_FIELDS = {f.name for f in dataclasses.fields(LoRAConfig)} - {"fan_in_fan_out"}
+_FSDP_WRAPPERS = WRAPPER_SEGMENTS - {"_orig_mod"}
 
 
 class LoRACallback(Callback):
@@ -58,10 +62,24 @@ class LoRACallback(Callback):
     (config and base fingerprint); `trainer.fit(ckpt_path=...)` resumes from them exactly, and
     `load_lora_checkpoint` loads them outside a Trainer.
 
-    Strategies: single device and DDP are tested (CPU, gloo). FSDP needs ``FSDPStrategy(use_orig_params=True,
-    state_dict_type="full")`` (mixed ``requires_grad`` in one flat parameter fails otherwise, and sharded
-    checkpoints load the full model state, Lightning #20274); it is not verified yet, and the PEFT export reads
-    rank 0's parameters, which FSDP shards: export with `save_adapter` under ``summon_full_params`` there.
+    Strategies, each tested in 2 processes on CPU (gloo): single device, DDP, FSDP and FSDP2 (FSDPStrategy through
+    a test-only subclass that lifts Lightning's GPU requirement; GPUs are not verified yet).
+
+    - ``FSDPStrategy`` with its defaults ``use_orig_params=True, state_dict_type="full"``, with or without an
+      ``auto_wrap_policy`` and activation checkpointing: injection happens before wrapping, the ratio is counted
+      before sharding, checkpoints hold only the LoRA tensors (unwrapped names; Adam's state for them only) and
+      resume exactly, and every export gathers the whole LoRA tensors (all ranks join; rank 0 writes).
+    - ``ModelParallelStrategy(save_distributed_checkpoint=False)`` (FSDP2): call ``lora_callback.apply(self)`` in
+      ``configure_model`` before ``fully_shard`` (sharding first is refused: LoRA would escape sharding). The
+      callback sets ``strict_loading=False`` on the module (that strategy loads key by key, past the hook that
+      ignores frozen keys) and checks the LoRA keys of ``ckpt_path`` itself. Exports gather only the LoRA tensors.
+    - Refused with a clear error: ``use_orig_params=False`` (one flat parameter cannot mix trainable and frozen
+      tensors), ``state_dict_type="sharded"`` and ``save_distributed_checkpoint=True`` (resuming loads every key,
+      frozen ones included, through torch.distributed.checkpoint: Lightning #20274).
+    - Costs: Lightning builds every full checkpoint by gathering the whole model on rank 0 (on CPU) before the
+      callback drops the frozen tensors; FSDPStrategy's exports do the same, and it allocates gradients for
+      whole flat parameters, frozen base included (torch warns about it). FSDP2's exports gather only the LoRA
+      tensors, and its gradients are LoRA-sized.
     """
 
     def __init__(
@@ -123,6 +141,11 @@ class LoRACallback(Callback):
 
     # -- Lightning hooks -----------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        _check_fsdp_settings(trainer.strategy)
+        if isinstance(trainer.strategy, ModelParallelStrategy):
+            # It loads a full checkpoint parameter by parameter, past the post-hook that lets frozen keys be
+            # missing: let it skip them; `_before_module_load` then checks the LoRA keys, before any step.
+            pl_module.strict_loading = False
         _chain(pl_module, "on_save_checkpoint", self, "_after_module_save")
         _chain(pl_module, "on_load_checkpoint", self, "_before_module_load")
         if is_overridden("configure_model", pl_module):
@@ -134,10 +157,12 @@ class LoRACallback(Callback):
         _unchain(pl_module, "configure_model")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        _check_sharded_injection(pl_module)
         _check_optimizers(trainer, pl_module)
         _enable_input_grads_for_checkpointing(pl_module)
-        summary = self.summary = summarize(pl_module)
-        config = self.resolved_config(pl_module)
+        if _fsdp_root(trainer) is None or self.summary is None:  # FSDP's parameters are shards by now
+            self.summary = summarize(pl_module)
+        summary, config = self.summary, self.resolved_config(pl_module)
         if trainer.is_global_zero:
             from rich.console import Console
 
@@ -153,7 +178,7 @@ class LoRACallback(Callback):
             return
         self._noop_checked = True
         layers = [layer for _, layer in lora_layers(self._target(pl_module))]
-        if layers and all(_is_zero_update(layer) for layer in layers):
+        if layers and _all_zero_updates(trainer, layers):
             rank_zero_warn(
                 f"LoRA is a no-op: after {trainer.global_step} optimizer steps every adapter update is still exactly "
                 f"zero (lora_B or lora_embedding_A all zeros). The optimizer is probably not stepping the LoRA "
@@ -168,11 +193,11 @@ class LoRACallback(Callback):
             "fingerprint": fingerprint(self._target(pl_module)),
             "model_attr": self.model_attr,
         }
-        if self.adapter_dir is not None and trainer.is_global_zero:
+        if self.adapter_dir is not None:
             self._export_checkpoint(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.adapter_dir is not None and trainer.is_global_zero:
+        if self.adapter_dir is not None:
             self._export(trainer, pl_module, "last", _current_metric(trainer))
 
     # -- internals -----------------------------------------------------------------------------------------
@@ -208,21 +233,35 @@ class LoRACallback(Callback):
             where = getattr(pl_module._trainer, "ckpt_path", None) or "the checkpoint"
             _check_record(checkpoint[RECORD_KEY], self.resolved_config(pl_module), fingerprint(self._target(pl_module)),
                           where)
+            if isinstance(pl_module.trainer.strategy, ModelParallelStrategy) and "state_dict" not in checkpoint:
+                _check_lora_keys(where, pl_module)  # it has loaded (not strictly) and dropped the state dict
 
     def _export_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        due: list[tuple[str, tuple[str, float] | None]] = []
         if self._exported.get("last") != trainer.global_step:  # top-k and save_last saves share a step
-            self._export(trainer, pl_module, "last", _current_metric(trainer))
+            due.append(("last", _current_metric(trainer)))
             self._exported["last"] = trainer.global_step
         best = next((cb for cb in trainer.checkpoint_callbacks
                      if isinstance(cb, ModelCheckpoint) and cb.monitor and cb.best_model_path), None)
         if best is not None:
             key = (best.best_model_path, float(best.best_model_score))
             if self._exported.get("best") != key:
-                self._export(trainer, pl_module, "best", (best.monitor, key[1]))
+                due.append(("best", (best.monitor, key[1])))
                 self._exported["best"] = key
+        if _is_sharded(trainer, self._target(pl_module)):  # every rank must join each gather: rank 0 decides
+            due = trainer.strategy.broadcast(due)
+        for name, metric in due:
+            self._export(trainer, pl_module, name, metric)
 
     def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule, name: str,
                 metric: tuple[str, float] | None) -> None:
+        """Write the adapter on global rank 0. Called on every rank: sharded tensors are gathered first."""
+        with _whole_parameters(trainer, self._target(pl_module)):
+            if trainer.is_global_zero:
+                self._write_export(trainer, pl_module, name, metric)
+
+    def _write_export(self, trainer: pl.Trainer, pl_module: pl.LightningModule, name: str,
+                      metric: tuple[str, float] | None) -> None:
         from .card import render_card
 
         target = self._target(pl_module)
@@ -294,7 +333,7 @@ class _IgnoreFrozenMissing:
 
     def __call__(self, module: nn.Module, incompatible: Any) -> None:
         trainable = _trainable_names(module)
-        incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if k in trainable]
+        incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if _clean(k) in trainable]
 
 
 class _Chain:
@@ -326,12 +365,94 @@ def _unchain(module: nn.Module, hook: str) -> None:
 
 
 def _trainable_names(module: nn.Module) -> set[str]:
-    return {n for n, p in module.named_parameters(remove_duplicate=False) if p.requires_grad}
+    return {_clean(n) for n, p in module.named_parameters(remove_duplicate=False) if p.requires_grad}
+
+
+def _clean(name: str) -> str:
+    """A parameter name as state dicts spell it: without FSDP's (auto-wrap) and activation checkpointing's
+    wrapper segments. (`torch.compile`'s ``_orig_mod`` stays: the compiled module's state dict keeps it.)"""
+    return ".".join(p for p in name.split(".") if p not in _FSDP_WRAPPERS)
 
 
 def _trainable_only(module: nn.Module, state_dict: dict[str, Any]) -> dict[str, Any]:
     keep = _trainable_names(module)
-    return {k: v for k, v in state_dict.items() if k in keep}
+    return {k: v for k, v in state_dict.items() if _clean(k) in keep}
+
+
+def _fsdp_root(trainer: pl.Trainer) -> nn.Module | None:
+    """The strategy's model when FSDP (1) shards it, else None. Its parameters are then flat 1-D shards:
+    counting, reading or exporting them needs the pre-wrap summary or a gather."""
+    model = trainer.strategy.model
+    if model is None or not torch.distributed.is_available():
+        return None
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    return model if FSDP.fsdp_modules(model) else None
+
+
+def _is_dtensor(param: torch.Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(param, DTensor)
+
+
+def _is_sharded(trainer: pl.Trainer, target: nn.Module) -> bool:
+    """Whether the LoRA tensors are split across ranks (FSDP, or FSDP2's DTensors), so reading them is a
+    collective."""
+    return _fsdp_root(trainer) is not None or any(_is_dtensor(p) for p in target.parameters() if p.requires_grad)
+
+
+@contextmanager
+def _whole_parameters(trainer: pl.Trainer, target: nn.Module) -> Iterator[None]:
+    """Inside, global rank 0's `target` holds whole trainable tensors. A collective when they are sharded:
+    every rank must enter. FSDP (1): `summon_full_params`, on rank 0 only and offloaded to CPU on accelerators,
+    as Lightning's own full checkpoints do (offloading CPU tensors "to CPU" crashes torch's FSDP, so not there).
+    FSDP2: each trainable DTensor is gathered (`full_tensor`, LoRA-sized) and swapped in, then put back."""
+    root = _fsdp_root(trainer)
+    if root is not None:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        offload = trainer.strategy.root_device.type != "cpu"
+        with FSDP.summon_full_params(root, writeback=False, rank0_only=True, offload_to_cpu=offload):
+            yield
+        return
+    sharded = [(module, name, param) for module in target.modules() for name, param in module._parameters.items()
+               if param is not None and param.requires_grad and _is_dtensor(param)]
+    whole = [param.full_tensor() for _, _, param in sharded]
+    try:
+        for (module, name, _), tensor in zip(sharded, whole):
+            module._parameters[name] = nn.Parameter(tensor, requires_grad=True)
+        yield
+    finally:
+        for module, name, param in sharded:
+            module._parameters[name] = param
+
+
+def _check_fsdp_settings(strategy: Any) -> None:
+    """Refuse, before any work, FSDP settings under which LoRA cannot train or resume."""
+    if isinstance(strategy, ModelParallelStrategy) and strategy._save_distributed_checkpoint:
+        raise ConfigError(
+            "ModelParallelStrategy(save_distributed_checkpoint=True) cannot resume from LoRACallback's adapter-only "
+            "checkpoints: torch.distributed.checkpoint loads every model key, frozen ones included. Use "
+            "ModelParallelStrategy(save_distributed_checkpoint=False): the checkpoint holds only the LoRA tensors"
+        )
+    if not isinstance(strategy, FSDPStrategy):
+        return
+    if not strategy.kwargs.get("use_orig_params", False):
+        raise ConfigError(
+            "FSDPStrategy(use_orig_params=False) cannot train LoRA: a flat parameter needs one requires_grad for "
+            "all its tensors, and LoRA's A/B sit beside their frozen base weight. Use "
+            "FSDPStrategy(use_orig_params=True) (Lightning's default)"
+        )
+    if strategy._state_dict_type != "full":
+        raise ConfigError(
+            "FSDPStrategy(state_dict_type='sharded') cannot resume from LoRACallback's adapter-only checkpoints: "
+            "Lightning loads every model key through torch.distributed.checkpoint, frozen ones included "
+            "(Lightning-AI/pytorch-lightning#20274). Use FSDPStrategy(state_dict_type='full'): the checkpoint "
+            "holds only the LoRA tensors anyway"
+        )
 
 
 def _check_record(record: dict[str, Any], config: LoRAConfig, base_fingerprint: str, ckpt_path: Any) -> None:
@@ -345,6 +466,30 @@ def _check_record(record: dict[str, Any], config: LoRAConfig, base_fingerprint: 
     if record.get("fingerprint") != base_fingerprint:
         raise ConfigError(f"{ckpt_path} was trained on another base model: the adapted layers' names or shapes "
                           f"differ from this model's; load the base it was trained on")
+
+
+def _check_sharded_injection(pl_module: nn.Module) -> None:
+    """FSDP2 shards the parameters that exist when `fully_shard` runs: LoRA injected later stays a plain tensor
+    on every rank whose gradients are never synchronized, so the ranks would silently drift apart."""
+    params = list(pl_module.named_parameters())
+    if not any(_is_dtensor(p) for _, p in params):
+        return
+    plain = [n for n, p in params if p.requires_grad and not _is_dtensor(p)]
+    if plain:
+        raise ConfigError(
+            f"{len(plain)} LoRA parameters are not sharded (e.g. {plain[0]!r}) while the model is (FSDP2): LoRA "
+            f"was injected after fully_shard. Call LoRACallback.apply(self) in configure_model before fully_shard"
+        )
+
+
+def _check_lora_keys(ckpt_path: str | Path, pl_module: nn.Module) -> None:
+    """Raise if the checkpoint at `ckpt_path` lacks a LoRA tensor of `pl_module` (a non-strict load would
+    silently keep the fresh initialization)."""
+    saved = torch.load(Path(ckpt_path), map_location="cpu", mmap=True, weights_only=True).get("state_dict", {})
+    missing = sorted(_trainable_names(pl_module) - {_clean(k) for k in saved})
+    if missing:
+        raise ConfigError(f"{ckpt_path} lacks {len(missing)} of the LoRA tensors (e.g. {missing[0]!r}): it was "
+                          f"written with other target modules, or edited; resume from a checkpoint of this run")
 
 
 def _check_optimizers(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -390,8 +535,16 @@ def _is_checkpointing(module: nn.Module) -> bool:
     return False
 
 
-def _is_zero_update(layer: nn.Module) -> bool:
-    return all(not p.any() for p in layer.lora_b.values()) or all(not p.any() for p in layer.lora_a.values())
+def _all_zero_updates(trainer: pl.Trainer, layers: list[nn.Module]) -> bool:
+    """Whether every layer's update ``B A`` is exactly zero (all its B, or all its A, zero). The sums of
+    absolute values are added across ranks (a collective): under FSDP each rank holds only a shard."""
+    def abs_sum(params: nn.ParameterDict) -> torch.Tensor:
+        local = [p.to_local() if _is_dtensor(p) else p for p in params.values()]
+        return torch.stack([p.detach().abs().float().sum() for p in local]).sum()
+
+    sums = torch.stack([torch.stack([abs_sum(layer.lora_a), abs_sum(layer.lora_b)]) for layer in layers])
+    sums = trainer.strategy.reduce(sums, reduce_op="sum")
+    return bool((sums == 0).any(dim=1).all())
 
 
 def _current_metric(trainer: pl.Trainer) -> tuple[str, float] | None:

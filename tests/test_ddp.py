@@ -5,38 +5,17 @@ checkpoint and the adapter export loadable."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_gpt2
+from helpers import run_script, tiny_gpt2
 from lit_models import token_loader
 
 from lightning_lora import load_adapter, validate_adapter
 
 SCRIPT = Path(__file__).with_name("ddp_script.py")
-
-
-def launch(root: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    """Run the DDP script in its own process group, killed whole if it outlives `timeout`."""
-    env = {**os.environ, "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONPATH": str(SCRIPT.parent)}
-    for var in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), str(root), *args], env=env, cwd=root,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # rank 1 is rank 0's child: never leave it behind
-        except ProcessLookupError:
-            pass
-        proc.wait()
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
 
 
 def renames(root: Path, rank: int) -> list[str]:
@@ -53,7 +32,7 @@ def no_temp_files(root: Path) -> None:
 def ddp_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """One launch: whole / part / resumed runs, then a run in which rank 1 dies at step 3."""
     root = tmp_path_factory.mktemp("ddp")
-    return root, launch(root, "both", "3")
+    return root, run_script(SCRIPT, root, "both", "3")
 
 
 def test_ddp_ranks_agree_only_rank0_writes_and_resume_is_exact(ddp_run):
