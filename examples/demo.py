@@ -14,6 +14,7 @@ Every artefact lands in one folder (``--out``, default ``./demo-output``). ``--f
 from __future__ import annotations
 
 import argparse
+import logging
 import random
 import shutil
 import statistics
@@ -260,6 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     transformers_logging.set_verbosity_error()  # the fresh classifier head's "newly initialized" notice
     transformers_logging.disable_progress_bar()
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # "GPU available: False" and tips
     out = args.out.resolve()
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
