@@ -266,11 +266,20 @@ def test_keyword_fields_cover_the_config():
         LoRACallback(r=0)
 
 
-def test_bf16_mixed_keeps_lora_in_fp32(tmp_path):
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_mixed_precision_keeps_lora_in_fp32(tmp_path, precision):
+    from lightning.pytorch.plugins import MixedPrecision
+
+    # Lightning maps "16-mixed" on CPU to bf16; its plugin with a CPU GradScaler runs real fp16 autocast here.
+    amp = {"precision": precision} if precision == "bf16-mixed" else {
+        "plugins": [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]}
     module = CausalLM()
-    fit(module, tmp_path, [LoRACallback(r=4, model_attr="model", adapter_dir=tmp_path / "ad")],
-        precision="bf16-mixed", max_steps=3)
+    fit(module, tmp_path, [LoRACallback(r=4, model_attr="model", adapter_dir=tmp_path / "ad")], max_steps=3, **amp)
     assert all_b_nonzero(module)
+    if precision == "16-mixed":  # the loss scaler's state travels in the adapter-only checkpoint
+        (ckpt,) = (tmp_path / "checkpoints").glob("*.ckpt")
+        saved = torch.load(ckpt, weights_only=True)
+        assert saved["MixedPrecision"]["scale"] > 0 and all("lora_" in k for k in saved["state_dict"])
     assert {p.dtype for p in trainable(module).values()} == {torch.float32}
     with safe_open(str(tmp_path / "ad" / "last" / "adapter_model.safetensors"), "pt") as f:
         assert {t.dtype for t in map(f.get_tensor, f.keys())} == {torch.float32}
