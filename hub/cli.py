@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, TypeVar
@@ -248,4 +249,12 @@ def _transfer(text: str) -> Iterator[None]:
 
 def main() -> None:
     """The ``lora-hub`` entry point."""
+    # Libraries imported on the way (transformers pulls in torchao when installed) log notices that are not
+    # the user's business here: a merge's "newly initialized head" report, torchao's optional kernels.
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     app(prog_name="lora-hub")
