@@ -130,7 +130,7 @@ def point_hf_client(monkeypatch, url: str, home, token: str | None = None, xet: 
     huggingface_hub reads HF_ENDPOINT, HF_HOME, HF_HUB_DISABLE_XET... once, when `huggingface_hub.constants` is
     first imported, so inside a running test process the environment alone does not move it: the constants
     are patched too (the client reads ``constants.X`` at call time). ``HUGGINGFACE_CO_URL_TEMPLATE`` must move
-    with ``ENDPOINT``, or ``hf_hub_url`` keeps building huggingface.co URLs even when given ``endpoint=``. The
+    with ``ENDPOINT``, or ``hf_hub_url`` keeps building public-Hub URLs even when given ``endpoint=``. The
     environment is set as well, for subprocesses. The module-level functions (``huggingface_hub.create_repo``...)
     are methods of one `HfApi` made at import time, whose endpoint is patched too. `xet=False` is
     ``HF_HUB_DISABLE_XET=1`` (the LFS path)."""
