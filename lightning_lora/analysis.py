@@ -104,7 +104,10 @@ def amplification_factors(base: nn.Module, adapter: AdapterLike) -> dict[str, fl
             if module.merged_adapters:
                 raise AdapterError(f"layer {path!r} has merged adapters; unmerge the model first")
             module = module.base_layer
-        probe = lora_class_for(module)(module)  # a throw-away wrapper: the layer decides dW's layout
+        cls = lora_class_for(module)
+        if cls is None:
+            raise AdapterError(f"layer {path!r} ({type(module).__name__}) cannot carry LoRA; is it the adapter's base?")
+        probe = cls(module)  # a throw-away wrapper: the layer decides dW's layout
         probe.add_adapter("probe", a.shape[0], scaling)
         with torch.no_grad():
             probe.lora_a["probe"].copy_(a)

@@ -308,7 +308,8 @@ def load_lora_checkpoint(module: nn.Module | type[pl.LightningModule], ckpt_path
 
         model = load_lora_checkpoint(MyModule, "checkpoints/epoch=2-step=300.ckpt")
     """
-    checkpoint = torch.load(Path(ckpt_path), map_location="cpu", weights_only=True)
+    data = Path(ckpt_path).read_bytes()  # read once: a LightningModule class is built from the same bytes
+    checkpoint = torch.load(_bytes_io.BytesIO(data), map_location="cpu", weights_only=True)
     record = checkpoint.get(RECORD_KEY)
     if record is None:
         raise ConfigError(f"{ckpt_path} holds no {RECORD_KEY!r} record: it was not written by LoRACallback; "
@@ -316,7 +317,7 @@ def load_lora_checkpoint(module: nn.Module | type[pl.LightningModule], ckpt_path
     if isinstance(module, type):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Found keys that are")  # the LoRA keys, loaded below
-            module = module.load_from_checkpoint(ckpt_path, strict=False, **kwargs)
+            module = module.load_from_checkpoint(_bytes_io.BytesIO(data), strict=False, **kwargs)
     config = {k: v for k, v in record["config"].items() if k in _CONFIG_FIELDS}
     callback = LoRACallback(LoRAConfig(**config), model_attr=record["model_attr"])
     callback.apply(module)

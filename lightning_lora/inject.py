@@ -67,7 +67,8 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
         if not isinstance(module, LoRALayer) and lora_class_for(module) is None:
             raise ConfigError(
                 f"target {path!r} is a {type(module).__name__}, which LoRA cannot wrap (supported: Linear, "
-                f"Conv1D, Embedding, Conv1d/2d/3d); name its linear sub-layers instead, e.g. "
+                f"Conv1D, Embedding, Conv1d/2d/3d with groups=1 and padding_mode='zeros'); exclude it "
+                f"(exclude_modules) or name its linear sub-layers instead, e.g. "
                 f"{_candidate_names(module)[:8]}"
             )
         targets.append(path)
@@ -88,8 +89,8 @@ def inject(
     Pass a `LoRAConfig`, its fields as keyword arguments, or both (fields override). Injecting the same
     adapter again is a no-op; the same name with another config raises. Returns the parameter summary.
     """
-    config = (config or LoRAConfig()).replace(**fields) if fields else (config or LoRAConfig())
-    config = resolve_config(model, config)
+    config = config or LoRAConfig()
+    config = resolve_config(model, config.replace(**fields) if fields else config)
     _check_name(adapter_name)
     registry = adapter_configs(model)
     if adapter_name in registry:
@@ -191,12 +192,6 @@ def unload(model: nn.Module) -> nn.Module:
     if hasattr(model, _REGISTRY):
         del model._lora_configs
     return model
-
-
-def trainable_state_dict(model: nn.Module) -> dict[str, object]:
-    """Every trainable tensor by its ``state_dict`` name (the adapter, modules_to_save, trained biases)."""
-    keep = {name for name, p in model.named_parameters() if p.requires_grad}
-    return {k: v for k, v in model.state_dict(keep_vars=True).items() if k in keep}
 
 
 def extra_trainable(model: nn.Module, config: LoRAConfig) -> dict[str, nn.Parameter]:

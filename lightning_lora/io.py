@@ -406,7 +406,8 @@ def _probe(model: nn.Module, path: str) -> LoRALayer:
 def _expected_shapes(model: nn.Module, config: LoRAConfig) -> dict[str, tuple[int, ...]]:
     """The keys and shapes injecting `config` would create, computed without changing `model`."""
     out = {}
-    for path in find_targets(model, config):
+    targets = find_targets(model, config)
+    for path in targets:
         layer = _probe(model, path)
         shape_a, shape_b = layer._shapes(config.rank_for(path))
         out[_key(f"{path}.{_KIND_SUFFIX[layer.A_NAME]}")] = shape_a
@@ -414,7 +415,7 @@ def _expected_shapes(model: nn.Module, config: LoRAConfig) -> dict[str, tuple[in
         if config.use_dora:  # DoRA's magnitude: one entry per output feature
             out[_key(f"{path}.lora_magnitude_vector")] = shape_b[:1]
     # modules_to_save and bias parameters keep their paths, under base_layer once their module is wrapped.
-    targets = set(find_targets(model, config))
+    targets = set(targets)
     extra = {n: tuple(p.shape) for n, p in extra_trainable(model, config).items()}
     if config.bias == "lora_only":
         extra.update({f"{t}.bias": tuple(b.shape) for t in targets
@@ -426,8 +427,11 @@ def _expected_shapes(model: nn.Module, config: LoRAConfig) -> dict[str, tuple[in
 
 
 def _fingerprint(layers: Iterator[tuple[str, LoRALayer]]) -> str:
-    entries = sorted((_strip(path), list(layer._shapes(1)[0][1:]), layer._shapes(1)[1][0]) for path, layer in layers)
-    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+    entries = []
+    for path, layer in layers:
+        shape_a, shape_b = layer._shapes(1)
+        entries.append((_strip(path), list(shape_a[1:]), shape_b[0]))
+    return hashlib.sha256(json.dumps(sorted(entries)).encode()).hexdigest()
 
 
 def _check_keys(directory: Path, expected: dict[str, tuple], found: dict[str, tuple]) -> None:

@@ -445,11 +445,12 @@ class _ScaleOutputs(torch.autograd.Function):
 
 
 def lora_class_for(module: nn.Module) -> type[LoRALayer] | None:
-    """The LoRA layer class that can wrap `module`, or None if its type is not supported."""
+    """The LoRA layer class that can wrap `module`, or None if it cannot be wrapped (an unsupported type, or a
+    grouped or non-zero-padding convolution)."""
     if isinstance(module, nn.Linear) or (Conv1D and isinstance(module, Conv1D)):
         return LoRALinear
     if isinstance(module, nn.Embedding):
         return LoRAEmbedding
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return LoRAConv
+        return LoRAConv if module.groups == 1 and module.padding_mode == "zeros" else None
     return None

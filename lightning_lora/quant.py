@@ -10,7 +10,7 @@ The interface (every function takes the 4-bit module, whatever its backend):
 - `quantize(linear, backend, compute_dtype)`: a frozen 4-bit copy of an ``nn.Linear`` (or GPT-2 ``Conv1D``);
 - `dequantize(module)`: its weight as a dense ``[out, in]`` tensor in the compute dtype;
 - `linear(module, x)`: ``x W^T + bias``;
-- `merge(module, delta, requantize)`: ``W + delta`` as a dense ``nn.Linear``, or 4-bit again.
+- `dequantize_module(module)`: the 4-bit layer as a dense ``nn.Linear``.
 
 Backends: ``"bnb"`` is bitsandbytes' ``Linear4bit`` (also what transformers' ``BitsAndBytesConfig(
 load_in_4bit=True)`` loads, so such models are wrapped as they are); ``"torchao"`` is `NF4Linear`, an
@@ -123,24 +123,13 @@ def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out.to(x.dtype)
 
 
-def merge(module: nn.Module, delta: torch.Tensor | None = None, requantize: bool = False) -> nn.Linear:
-    """``W + delta`` (``[out, in]``) as a dense ``nn.Linear`` in the compute dtype, or as a new 4-bit layer of
-    the same backend with `requantize`. The bias object is kept."""
+def dequantize_module(module: nn.Module, dtype: torch.dtype | None = None) -> nn.Linear:
+    """`module` as a dense ``nn.Linear`` (compute dtype unless `dtype`; the bias object is kept): what merging
+    a LoRA layer does to its 4-bit base."""
     weight = dequantize(module)
-    if delta is not None:
-        weight = weight + delta.to(weight.dtype)
     dense = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
     dense.weight = nn.Parameter(weight, requires_grad=False)
     dense.bias = module.bias
-    if not requantize:
-        return dense
-    return quantize(dense, backend_of(module), _compute_dtype(module))
-
-
-def dequantize_module(module: nn.Module, dtype: torch.dtype | None = None) -> nn.Linear:
-    """`module` as a dense ``nn.Linear`` (compute dtype unless `dtype`): what merging a LoRA layer does to
-    its 4-bit base."""
-    dense = merge(module)
     return dense if dtype is None else dense.to(dtype)
 
 
@@ -162,7 +151,7 @@ def unload_quantized(model: nn.Module, requantize: bool = False) -> dict[str, fl
     effective weight ``W = dequantize(W0) + delta`` (DoRA: its merged form): ``||W_out - W||_F / ||W||_F``,
     the rounding to the compute dtype, or the NF4 error of re-quantizing ``W``.
     """
-    from .inject import lora_layers, unload
+    from .inject import _replace, lora_layers, unload
 
     plan = {}
     for path, layer in lora_layers(model):
@@ -177,8 +166,7 @@ def unload_quantized(model: nn.Module, requantize: bool = False) -> dict[str, fl
         out = quantize(dense, backend, dtype) if requantize else dense.to(dtype)
         got = dequantize(out) if requantize else out.weight
         errors[path] = float((got.float() - exact).norm() / exact.norm().clamp_min(1e-30))
-        parent, _, child = path.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, out)
+        _replace(model, path, out)
     return errors
 
 
@@ -206,6 +194,8 @@ def weight_nbytes(module: nn.Module) -> int:
 def quantize_targets(model: nn.Module, targets: Iterable[str], config: LoRAConfig) -> None:
     """Replace each target of `model` (in place) by its NF4 version (``config.quant_backend``,
     ``config.compute_dtype``). Layers already in 4-bit (e.g. loaded with ``BitsAndBytesConfig``) are kept."""
+    from .inject import _replace
+
     backend = resolve_backend(config.quant_backend)
     dtype = getattr(torch, config.compute_dtype)
     for path in targets:
@@ -219,8 +209,7 @@ def quantize_targets(model: nn.Module, targets: Iterable[str], config: LoRAConfi
             new = quantize(module, backend, dtype)
         except ValueError as err:
             raise ConfigError(f"cannot quantize {path!r} with {backend}: {err}") from None
-        parent, _, child = path.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, new)
+        _replace(model, path, new)
 
 
 def _torchao_nf4():

@@ -17,6 +17,7 @@ import torch
 from helpers import (
     assert_same_state,
     model_output,
+    small_conv_net,
     state_snapshot,
     tiny_gpt2,
     tiny_llama,
@@ -26,6 +27,7 @@ from helpers import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
+from torch import nn
 
 from lightning_lora import (
     AdapterError,
@@ -365,3 +367,18 @@ def test_name_matching_is_exact_or_dotted_suffix(name, path):
     assert matches([name], path) == (path == name or path.endswith("." + name))
     assert matches([name], f"{path}.{name}") and not matches([name], f"{path}.{name}_x")
     assert matches(path.replace(".", r"\."), path)  # a string is a regex over the whole path
+
+
+def test_adapter_for_a_conv_this_model_groups_refused(tmp_path):
+    """An adapter targeting a conv that is grouped in this model is an AdapterError naming the layer, not a
+    bare ValueError from building the LoRA layer."""
+    source = small_conv_net()
+    inject(source, LoRAConfig(r=2, target_modules=["conv_in", "conv_mid"]))
+    save_adapter(source, tmp_path / "adapter")
+    model = small_conv_net()
+    model.conv_mid = nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=2)
+    before = state_snapshot(model)
+    with pytest.raises(AdapterError, match="does not fit this model: target 'conv_mid' is a Conv2d, which LoRA"):
+        load_adapter(model, tmp_path / "adapter")
+    assert_same_state(model, before)
+    assert not list(lora_layers(model)) and not getattr(model, "_lora_configs", None)

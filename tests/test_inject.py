@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import (
+    assert_same_state,
     image_batch,
     model_output,
     small_conv_net,
@@ -259,3 +260,19 @@ def test_merging_a_tied_weight_refused():
             fold(model)
         assert list(state_snapshot(model)) == list(before)
         assert all(torch.equal(v, before[k]) for k, v in state_snapshot(model).items())
+
+
+@pytest.mark.parametrize("conv", [nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=2),
+                                  nn.Conv2d(8, 8, 3, stride=2, padding=1, padding_mode="reflect")])
+def test_unwrappable_conv_target_refused_model_unchanged(conv):
+    """A grouped or non-zero-padding conv is refused before any layer is wrapped (it used to raise a bare
+    ValueError halfway through, leaving conv_in wrapped and nothing recorded)."""
+    model = small_conv_net()
+    model.conv_mid = conv
+    before = state_snapshot(model)
+    with pytest.raises(ConfigError, match=r"'conv_mid' is a Conv2d, which LoRA cannot wrap.*groups=1.*exclude_"):
+        inject(model, LoRAConfig(r=2, target_modules=["conv_in", "conv_mid"]))
+    assert_same_state(model, before)
+    assert not list(lora_layers(model)) and not getattr(model, "_lora_configs", None)
+    inject(model, LoRAConfig(r=2, target_modules=["conv_in", "conv_mid"], exclude_modules=["conv_mid"]))
+    assert [p for p, _ in lora_layers(model)] == ["conv_in"]
