@@ -130,9 +130,9 @@ class LoRALayer(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        out = self.base_layer(x, *args, **kwargs)
+        base_out = out = self.base_layer(x, *args, **kwargs)
         for name in self._unmerged_active():
-            out = out + self._lora_output(x, name).to(out.dtype)
+            out = out + self._lora_output(x, name, base_out).to(out.dtype)
         return out
 
     def _unmerged_active(self) -> list[str]:
@@ -144,7 +144,8 @@ class LoRALayer(nn.Module):
         p = self.dropout_p[name]
         return F.dropout(x, p, self.training) if p > 0 else x
 
-    def _lora_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
+    def _lora_output(self, x: torch.Tensor, name: str, base_out: torch.Tensor) -> torch.Tensor:
+        """What adapter `name` adds to the base output `base_out` for input `x` (DoRA reuses `base_out`)."""
         raise NotImplementedError
 
     def _shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -304,15 +305,21 @@ class LoRALinear(LoRALayer):
             and not torch.is_autocast_enabled(x.device.type)
         )
 
-    def _lora_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
+    def _lora_output(self, x: torch.Tensor, name: str, base_out: torch.Tensor) -> torch.Tensor:
         a = self.lora_a[name]
         x = self._dropped(x, name).to(a.dtype)
         lora = F.linear(F.linear(x, a), self.lora_b[name]) * self.scaling[name]
         if name not in self.lora_magnitude_vector:
             return lora
         # DoRA added to the base output W0 x + bias: (g - 1) W0 x' + g s B A x' (x' = x after dropout, as PEFT).
+        # Without active dropout x' = x, and W0 x is the base output less its bias: no second base matmul.
         g = self.dora_scale(name)
-        return (g - 1) * F.linear(x, self.dense_weight().to(x.dtype)) + g * lora
+        if self.dropout_p[name] == 0 or not self.training:
+            bias = self.base_layer.bias
+            w0x = base_out if bias is None else base_out - bias.to(base_out.dtype)
+        else:
+            w0x = F.linear(x, self.dense_weight().to(x.dtype))
+        return (g - 1) * w0x + g * lora
 
 
 class LoRAEmbedding(LoRALayer):
@@ -335,7 +342,7 @@ class LoRAEmbedding(LoRALayer):
         a, b = self.lora_a[name], self.lora_b[name]
         return (b.float() @ a.float()).t() * self.scaling[name]
 
-    def _lora_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
+    def _lora_output(self, x: torch.Tensor, name: str, base_out: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
         rows = F.embedding(x, self.lora_a[name].t(), padding_idx=base.padding_idx, max_norm=base.max_norm,
                            norm_type=base.norm_type, scale_grad_by_freq=base.scale_grad_by_freq)
@@ -364,7 +371,7 @@ class LoRAConv(LoRALayer):
         # conv(A^T, B) composes the two convolutions into one kernel: [in, out, *k] -> [out, in, *k].
         return self._conv(a.transpose(0, 1), b).transpose(0, 1) * self.scaling[name]
 
-    def _lora_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
+    def _lora_output(self, x: torch.Tensor, name: str, base_out: torch.Tensor) -> torch.Tensor:
         base, a = self.base_layer, self.lora_a[name]
         x = self._dropped(x, name).to(a.dtype)
         hidden = self._conv(x, a, None, base.stride, base.padding, base.dilation)
