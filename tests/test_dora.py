@@ -70,6 +70,26 @@ def test_outputs_and_gradients_equal_the_formula(kind, bias):
     assert torch.allclose(model(x), _plain_dora(layer, x), **TOL)  # the cached ||W0|| follows the new weight
 
 
+def test_dropout_applies_to_the_dora_branch_only():
+    """With dropout, h = W0 x + bias + (g - 1) W0 x' + g s B A x' (x' = dropout(x), as PEFT); eval drops nothing."""
+    base = nn.Linear(12, 20)
+    model = nn.Sequential(base)
+    inject(model, LoRAConfig(r=4, alpha=8, dropout=0.5, target_modules=["0"], use_dora=True))
+    layer = model[0]
+    _perturb(layer)
+    x = torch.randn(3, 12)
+    torch.manual_seed(7)
+    ours = model(x)
+    torch.manual_seed(7)
+    xd = F.dropout(x, 0.5, True)
+    g = layer.dora_scale("default")
+    a, b, s = layer.lora_A["default"], layer.lora_B["default"], layer.scaling["default"]
+    want = base(x) + (g - 1) * F.linear(xd, base.weight) + g * s * F.linear(F.linear(xd, a), b)
+    assert torch.allclose(ours, want, **TOL) and not torch.allclose(ours, _plain_dora(layer, x), **TOL)
+    model.eval()
+    assert torch.allclose(model(x), _plain_dora(layer, x), **TOL)
+
+
 @pytest.mark.parametrize("factory", [tiny_gpt2, tiny_llama])
 def test_merge_unmerge_unload_exact(factory):
     model, batch = factory(), token_batch()
