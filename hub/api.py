@@ -50,6 +50,8 @@ _DATE = "%Y-%m-%d %H:%M"
 
 @dataclass(frozen=True)
 class PushResult:
+    """What `push` published: `version` of `repo_id`, tagged on `commit` (full sha); `url` is the commit's page."""
+
     repo_id: str
     version: Version
     commit: str
@@ -58,6 +60,9 @@ class PushResult:
 
 @dataclass(frozen=True)
 class VersionInfo:
+    """One published version, as `versions` lists it: its tagged `commit`, the commit's `date` (UTC,
+    ``YYYY-MM-DD HH:MM``) and title `message`, and the adapter's `base_model` when the push recorded one."""
+
     version: Version
     commit: str
     date: str
@@ -67,6 +72,9 @@ class VersionInfo:
 
 @dataclass(frozen=True)
 class MergeResult:
+    """What `merge` wrote: the model folder `path`, saved as `dtype` (``"float16"``...); `max_diff` is the largest
+    |merged - adapter| output difference on the probe batch; `url` the upload's commit when ``push_to`` was given."""
+
     path: Path
     max_diff: float
     dtype: str

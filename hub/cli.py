@@ -53,8 +53,10 @@ def command(*args, **kwargs) -> Callable[[F], F]:
                 return fn(*a, **k)
             except HubError as err:
                 fail(str(err), err.exit_code)
-            except (AdapterError, ConfigError) as err:
+            except AdapterError as err:
                 fail(f"invalid adapter: {err}")
+            except ConfigError as err:  # the engine's checks of what the command was given (combine's options)
+                fail(f"invalid arguments: {err}")
             except KeyboardInterrupt:
                 fail("interrupted", 130)
             except OSError as err:

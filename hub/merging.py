@@ -13,41 +13,41 @@ import shutil
 from pathlib import Path
 
 from lightning_lora import load_adapter, unload
-from lightning_lora.io import AdapterInfo
+from lightning_lora.card import AUTO_CLASS
+from lightning_lora.config import ConfigError
+from lightning_lora.io import AdapterError, AdapterInfo
 
-from .errors import HubError
+from .errors import HubError, InvalidAdapter
 
 #: Files that travel from the base folder to the merged one unchanged (tokenizers, processors).
 _TOKENIZER_FILES = ("tokenizer*", "vocab*", "merges.txt", "special_tokens_map.json", "added_tokens.json",
                     "*.model", "preprocessor_config.json", "chat_template*")
-_AUTO_CLASS = {"CAUSAL_LM": "AutoModelForCausalLM", "SEQ_CLS": "AutoModelForSequenceClassification",
-               "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM", "TOKEN_CLS": "AutoModelForTokenClassification",
-               "QUESTION_ANS": "AutoModelForQuestionAnswering"}
 
 
 def merge_into(adapter_dir: Path, info: AdapterInfo, base_dir: Path, out_dir: Path,
                dtype: str | None) -> tuple[Path, float, str]:
     """Merge and save; returns (out_dir, max output difference, saved dtype name)."""
     import torch
-    import transformers
 
     if out_dir.exists() and any(out_dir.iterdir()):
         raise HubError(f"{out_dir} already exists and is not empty; choose another --out or delete it")
     target = _dtype(dtype)
-    config = transformers.AutoConfig.from_pretrained(base_dir)
-    # The adapter's task decides the head (a sentence encoder's folder may name only its bare `BertModel`).
-    arch = (getattr(config, "architectures", None) or [None])[0]
-    task_class = _AUTO_CLASS.get(info.config.task_type or "")
-    cls = getattr(transformers, task_class or arch or "", None) or transformers.AutoModel
-    model = cls.from_pretrained(base_dir, dtype=torch.float32).eval()
+    model, config = _load_base(base_dir, info)
     if target is None:
         saved = getattr(config, "dtype", None) or torch.float32
         target = getattr(torch, saved) if isinstance(saved, str) else saved
-    load_adapter(model, adapter_dir)
+    try:
+        load_adapter(model, adapter_dir)
+    except (AdapterError, ConfigError) as err:
+        raise InvalidAdapter(f"invalid adapter: {adapter_dir} does not fit the base model in {base_dir}: "
+                             f"{_one_line(err)}") from None
     probe = model.dummy_inputs
     with torch.no_grad():
         before = _main_output(model(**probe))
-        unload(model)
+        try:
+            unload(model)
+        except RuntimeError as err:
+            raise HubError(f"cannot fold the adapter into the base model in {base_dir}: {_one_line(err)}") from None
         max_diff = (before - _main_output(model(**probe))).abs().max().item()
     model.to(target)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
@@ -59,9 +59,37 @@ def merge_into(adapter_dir: Path, info: AdapterInfo, base_dir: Path, out_dir: Pa
                 if path.is_file():
                     shutil.copyfile(path, tmp / path.name)
         os.replace(tmp, out_dir)
+    except OSError as err:
+        raise HubError(f"cannot write the merged model to {out_dir}: {err.strerror or _one_line(err)}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir, max_diff, str(target).removeprefix("torch.")
+
+
+def _load_base(base_dir: Path, info: AdapterInfo):
+    """The base model in float32 (safetensors weights only: a pickle checkpoint is never unpickled) and its
+    config; HubError naming the folder otherwise."""
+    import torch
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(base_dir)
+        # The adapter's task decides the head (a sentence encoder's folder may name only its bare `BertModel`).
+        arch = (getattr(config, "architectures", None) or [None])[0]
+        task_class = AUTO_CLASS.get(info.config.task_type or "")
+        cls = getattr(transformers, task_class or arch or "", None) or transformers.AutoModel
+        model = cls.from_pretrained(base_dir, dtype=torch.float32, use_safetensors=True).eval()
+    except (OSError, ValueError) as err:
+        if not any(base_dir.glob("*.safetensors")) and any(base_dir.glob("*.bin")):
+            raise HubError(f"the base model in {base_dir} has only pickle weights (*.bin), which lora-hub never "
+                           f"loads: convert it to safetensors (load it where you trust it and save_pretrained it again)"
+                           ) from None
+        raise HubError(f"cannot load the base model from {base_dir}: {_one_line(err)}") from None
+    return model, config
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).strip().splitlines()[:1]) or type(err).__name__
 
 
 def _dtype(name: str | None):

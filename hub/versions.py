@@ -27,8 +27,10 @@ _NUM = r"(0|[1-9]\d{0,8})"
 _VERSION = re.compile(rf"v?{_NUM}\.{_NUM}\.{_NUM}")
 _PART = r"(?:0|[1-9]\d{0,8}|[xX*])"
 _PARTIAL = re.compile(rf"(?P<op>[~^]?)v?(?P<major>0|[1-9]\d{{0,8}})(?:\.(?P<minor>{_PART})(?:\.(?P<patch>{_PART}))?)?")
-_REPO_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
-_REPO_ID = re.compile(rf"{_REPO_PART}/{_REPO_PART}")
+#: One part of a repo id (namespace or name), the Hub's rule: 1-96 letters, digits, '.', '_', '-', starting and
+#: ending with a letter or digit. The server (`hub.server.names`) checks with this same pattern.
+REPO_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
+_REPO_ID = re.compile(rf"{REPO_PART}/{REPO_PART}")
 
 
 @dataclass(frozen=True, order=True)
@@ -53,6 +55,7 @@ class Version:
         return f"v{self}"
 
     def bump_patch(self) -> Version:
+        """The next patch release: 1.2.3 -> 1.2.4 (what a push without a version publishes)."""
         return Version(self.major, self.minor, self.patch + 1)
 
     def __str__(self) -> str:
@@ -72,6 +75,8 @@ class Range:
 
     @classmethod
     def parse(cls, text: str) -> Range:
+        """What follows ``@`` in a spec: ``latest`` (or empty, ``*``, ``x``), an exact version, ``^1.2``, ``~1.2`` or
+        a partial / wildcard version like ``1.2``, ``1.x``; BadSpec otherwise. See the module's table."""
         text = text.strip()
         if text in ("", "latest", "*", "x"):
             return cls("latest", Version(0, 0, 0), None)

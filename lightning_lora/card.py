@@ -16,7 +16,9 @@ from .io import META, AdapterInfo
 
 #: Header metadata that describes the file, not the training run.
 _NOT_METRICS = {"version", "fingerprint", "base_model"}
-_AUTO_CLASS = {
+#: The transformers auto class that loads a base model for each PEFT task type (the card's usage snippet, the
+#: hub's merge).
+AUTO_CLASS = {
     "CAUSAL_LM": "AutoModelForCausalLM", "SEQ_CLS": "AutoModelForSequenceClassification",
     "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM", "TOKEN_CLS": "AutoModelForTokenClassification",
     "QUESTION_ANS": "AutoModelForQuestionAnswering", "FEATURE_EXTRACTION": "AutoModel",
@@ -92,7 +94,7 @@ def _usage(config: LoRAConfig, base_model: str | None, repo_id: str | None,
            versions: Sequence[Mapping[str, str]] | None) -> list[str]:
     if not (base_model and repo_id):
         return []
-    auto = _AUTO_CLASS.get(config.task_type or "", "AutoModelForCausalLM")
+    auto = AUTO_CLASS.get(config.task_type or "", "AutoModelForCausalLM")
     latest = versions[0].get("version") if versions else None
     revision = f', revision="v{latest}"' if latest else ""
     return [

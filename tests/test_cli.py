@@ -119,3 +119,16 @@ def test_serve(tmp_path):
         server.send_signal(signal.SIGINT)
         out, err = server.communicate(timeout=30)
     assert server.returncode == 0 and "stopped" in out and "Traceback" not in err
+
+
+def test_merge_and_argument_errors_are_labelled(tmp_path):
+    saved_adapter(tmp_path / "adapter")
+    tiny_gpt2(n_embd=48).save_pretrained(tmp_path / "wider")
+    bad = subprocess.run([LORA_HUB, "merge", str(tmp_path / "adapter"), "--base", str(tmp_path / "wider"), "--out",
+                          str(tmp_path / "m")], capture_output=True, text=True, timeout=120, check=False)
+    lines = bad.stderr.strip().splitlines()
+    assert bad.returncode == 1 and len(lines) == 1 and "Traceback" not in bad.stderr, bad.stderr
+    assert lines[0].startswith(f"error: invalid adapter: {tmp_path / 'adapter'} does not fit the base model in ")
+    result = run("combine", tmp_path / "adapter", tmp_path / "adapter", "--out", tmp_path / "c", "--method", "bogus",
+                 code=1)
+    one_line_error(result, r"^error: invalid arguments: method must be one of")

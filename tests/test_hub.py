@@ -286,3 +286,24 @@ def test_client_killed_mid_upload_leaves_old_state(hub_server, two_versions, tmp
     pulled = hub.pull(f"{repo_id}@1.2.0", endpoint=hub_server.url)
     assert pulled.name == result.commit and _same_files(pulled, tmp_path / "next")
     assert json.loads((pulled / "adapter_config.json").read_text())["r"] == 32
+
+
+def test_merge_failures_are_hub_errors(tmp_path):
+    saved_adapter(tmp_path / "adapter")
+    tiny_gpt2(n_embd=48).save_pretrained(tmp_path / "wider")
+    with pytest.raises(hub.InvalidAdapter, match=r"does not fit the base model .* has shape \[4, 32\]"):
+        hub.merge(tmp_path / "adapter", tmp_path / "wider", tmp_path / "m1")
+
+    pickled = tiny_gpt2()  # a pickle checkpoint is refused, never unpickled
+    pickled.config.save_pretrained(tmp_path / "pickled")
+    torch.save(pickled.state_dict(), tmp_path / "pickled" / "pytorch_model.bin")
+    with pytest.raises(hub.HubError, match=r"has only pickle weights .* convert it to safetensors"):
+        hub.merge(tmp_path / "adapter", tmp_path / "pickled", tmp_path / "m2")
+    with pytest.raises(hub.HubError, match="cannot load the base model"):
+        hub.merge(tmp_path / "adapter", tmp_path / "adapter", tmp_path / "m3")
+
+    tiny_gpt2().save_pretrained(tmp_path / "base")  # GPT-2 ties lm_head to wte: folding into it would change both
+    saved_adapter(tmp_path / "head-adapter", targets=("lm_head",))
+    with pytest.raises(hub.HubError, match="cannot fold the adapter .*tied weights"):
+        hub.merge(tmp_path / "head-adapter", tmp_path / "base", tmp_path / "m4")
+    assert not any((tmp_path / f"m{i}").exists() for i in range(1, 5))

@@ -290,3 +290,65 @@ def test_restart_keeps_everything(tmp_path, monkeypatch):
         assert _digests(tmp_path / "v2") == {
             k: v for k, v in digests["v2.0.0"].items() if k != ".gitattributes"
         }
+
+
+def _chunked(server, path: str, body: bytes) -> tuple[int, bytes]:
+    host, port = server.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    conn.putrequest("POST", path)
+    conn.putheader("Transfer-Encoding", "chunked")
+    conn.endheaders()
+    conn.send(body)
+    response = conn.getresponse()
+    payload = response.read()
+    conn.close()
+    return response.status, payload
+
+
+def test_malformed_chunk_size_is_400_not_500(hub_server, capfd):
+    HfApi(endpoint=hub_server.url).create_repo(REPO)
+    hub_server.log = True
+    for bad in (b"zz", b"-5", b"0x10", b"1_0"):
+        status, body = _chunked(hub_server, f"/api/models/{REPO}/commit/main", bad + b"\r\nhi\r\n0\r\n\r\n")
+        assert status == 400 and "malformed chunk size" in json.loads(body)["error"], (bad, body)
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and " 500" not in err
+    assert len(HfApi(endpoint=hub_server.url).list_repo_commits(REPO)) == 1
+
+
+def test_logs_never_carry_the_query_string(hub_server, capfd):
+    import socket
+
+    hub_server.log = True
+    host, port = hub_server.url.removeprefix("http://").split(":")
+    for line in (
+        b"GET /x?sig=SECRET1 HTTP/1.1 HTTP/1.1\r\n\r\n",  # refused by the stdlib (log_error)
+        b"GET /api/models/team/none?sig=SECRET2 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    ):
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(line)
+            assert sock.recv(65536).startswith(b"HTTP/1.")
+    err = capfd.readouterr().err
+    assert "SECRET" not in err and "sig=" not in err and "Traceback" not in err
+    assert "GET /api/models/team/none 404" in err and "400" in err
+
+
+def test_server_refuses_what_the_client_refuses():
+    import subprocess
+    import sys
+
+    from hub.server.names import InvalidName, check_name, check_path
+    from hub.versions import check_repo_id
+
+    for name in ("name_", "name-", "_name", "a--b", "a..b", "x" * 97):
+        with pytest.raises(InvalidName):
+            check_name(name)
+        with pytest.raises(Exception, match="is not a repo id"):
+            check_repo_id(f"team/{name}")
+    assert check_name("a.b_c-1") == "a.b_c-1"
+    for path in ("a/.git/config", "a/.git", ".git"):
+        with pytest.raises(InvalidName, match="invalid file path"):
+            check_path(path)
+    assert check_path("a/.gitattributes") == "a/.gitattributes"
+    code = "import sys, hub.server; assert not {'torch', 'lightning_lora'} & set(sys.modules), 'heavy import'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import sys
 import threading
 import time
@@ -36,6 +37,8 @@ if TYPE_CHECKING:
 _JSON_LIMIT = 16 << 20
 _DRAIN_LIMIT = 1 << 20
 _CHUNK = 1 << 20
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+_QUERY = re.compile(r"[?#]\S*")
 
 
 class HubServer:
@@ -222,7 +225,11 @@ class Request(BaseHTTPRequestHandler):
     def _chunked_body(self, limit: int) -> Iterator[bytes]:
         total = 0
         while True:
-            size = int(self.rfile.readline(1024).split(b";")[0].strip() or b"0", 16)
+            line = self.rfile.readline(1024).split(b";")[0].strip() or b"0"
+            if not _CHUNK_SIZE.fullmatch(line):
+                self.close_connection = True
+                raise HubError(400, f"malformed chunk size line {line[:40]!r} in a chunked request body")
+            size = int(line, 16)
             if size == 0:
                 while self.rfile.readline(1024).strip():  # trailers
                     pass
@@ -344,12 +351,16 @@ class Request(BaseHTTPRequestHandler):
     # -- logging: method, path without query, status; never headers ----------------------------------------
     def log_request(self, code="-", size="-") -> None:
         if self.hub.log:
-            path = urlsplit(self.path).path[:300]
-            sys.stderr.write(f"{time.strftime('%H:%M:%S')} {self.command} {path} {code}\n")
+            # `command` is None (or "") when the request line itself was refused: `path` is then unset or the
+            # previous request's
+            path = _QUERY.sub("", self.path)[:300] if self.command else "-"
+            sys.stderr.write(f"{time.strftime('%H:%M:%S')} {self.command or '-'} {path} {code}\n")
 
     def log_message(self, format: str, *args) -> None:
+        """The stdlib's own messages (`log_error`: refused request lines, timeouts); they may quote the raw
+        request line, so query strings are cut out."""
         if self.hub.log:
-            sys.stderr.write(f"{time.strftime('%H:%M:%S')} {format % args}\n")
+            sys.stderr.write(f"{time.strftime('%H:%M:%S')} {_QUERY.sub('', format % args)}\n")
 
 
 def serve(

@@ -2,7 +2,7 @@
 
 Names follow the Hub's rules (letters, digits, ``-``, ``_``, ``.``; no ``--`` or ``..``); revisions are git
 ref names or 40-hex commit ids; file paths are relative POSIX paths without empty, ``.``, ``..`` or ``.git``
-segments. Every check raises `NameError_` with a message that names the offending value and the rule, so the
+segments. Every check raises `InvalidName` with a message that names the offending value and the rule, so the
 HTTP layer can answer 400 with it. Nothing here touches the file system: the store maps accepted names to
 paths, and the checks make sure those paths stay under the server root.
 """
@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import re
 
+from ..versions import REPO_PART
+
 REPO_TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
 URL_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
 
-_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_-])?")
+# the client's rule (hub.versions), so the server refuses what the client refuses
+_NAME = re.compile(REPO_PART)
 _REF = re.compile(r"[A-Za-z0-9._/-]{1,200}")
 COMMIT_ID = re.compile(r"[0-9a-f]{40}")
 MAX_PATH = 1000
@@ -67,7 +70,7 @@ def check_path(path: str) -> str:
         or "\x00" in path
         or "\\" in path
         or any(p in ("", ".", "..") for p in parts)
-        or parts[0] == ".git"
+        or ".git" in parts
         or any(ord(c) < 32 for c in path)
     )
     if bad:
