@@ -291,10 +291,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
             return super().save_checkpoint(checkpoint, path, storage_options)
-        buffer = _bytes_io.BytesIO()
-        torch.save(checkpoint, buffer)
         with atomic_write(path) as tmp:
-            tmp.write_bytes(buffer.getbuffer())
+            torch.save(checkpoint, tmp)
 
 
 def load_lora_checkpoint(module: nn.Module | type[pl.LightningModule], ckpt_path: str | Path,
