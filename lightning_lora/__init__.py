@@ -18,6 +18,7 @@ from .inject import (
 )
 from .io import AdapterError, AdapterInfo, load_adapter, save_adapter, validate_adapter
 from .layers import LoRAConv, LoRAEmbedding, LoRALayer, LoRALinear, lora_linear
+from .quant import quantize_model, unload_quantized
 from .summary import LoRASummary, summarize
 
 __all__ = [
@@ -44,12 +45,14 @@ __all__ = [
     "lora_layers",
     "lora_linear",
     "merge",
+    "quantize_model",
     "render_card",
     "save_adapter",
     "set_adapter",
     "subspace_similarity",
     "summarize",
     "unload",
+    "unload_quantized",
     "unmerge",
     "validate_adapter",
 ]
