@@ -191,6 +191,11 @@ def pull(
     """Download the version `spec` names (``user/repo``, ``user/repo@1.2.0``, ``@latest``, ``@^1.2``) and
     return its folder: the cache's snapshot, or `local_dir` holding a copy. Every file is checked against the
     hub's hash and the adapter is validated; IntegrityError / InvalidAdapter otherwise."""
+    return _pull(spec, local_dir, endpoint, token, cache_dir)[0]
+
+
+def _pull(spec: str, local_dir, endpoint, token, cache_dir) -> tuple[Path, AdapterInfo]:
+    """`pull`, also returning the validated adapter's info (so callers need not read it again)."""
     repo_id, wanted = parse_spec(spec)
     api = HfApi(endpoint=endpoint, token=token)
     offline = huggingface_hub.is_offline_mode()
@@ -212,8 +217,7 @@ def pull(
                              f"(expected {sha[:12]}); pull again")
     _verify(snapshot, expected if expected is not None else _cached_hashes(snapshot), f"{repo_id}@{version}")
     out = snapshot if local_dir is None else _copy_files(snapshot, Path(local_dir))
-    _validate(out)
-    return out
+    return out, _validate(out)
 
 
 def _resolve_cached(repo_id: str, wanted: Range, cache_dir) -> tuple[Version, str]:
@@ -275,10 +279,7 @@ def _copy_files(snapshot: Path, target: Path) -> Path:
 def info(dir_or_spec: str | os.PathLike, endpoint: str | None = None, token: str | None = None,
          cache_dir: str | os.PathLike | None = None) -> AdapterInfo:
     """What an adapter is (config, parameter count, base, size): a local folder, or a spec pulled first."""
-    local = Path(dir_or_spec)
-    if local.is_dir():
-        return _validate(local)
-    return _validate(pull(str(dir_or_spec), endpoint=endpoint, token=token, cache_dir=cache_dir))
+    return _local_or_pulled(dir_or_spec, endpoint, token, cache_dir)[1]
 
 
 def merge(
@@ -298,9 +299,7 @@ def merge(
     ``max_diff`` is the largest absolute difference between the merged model's output and the unmerged
     adapter's on a fixed probe batch: float32 rounding only, unless something is wrong.
     """
-    local = Path(spec_or_dir)
-    adapter = local if local.is_dir() else pull(str(spec_or_dir), endpoint=endpoint, token=token, cache_dir=cache_dir)
-    adapter_info = _validate(adapter)
+    adapter, adapter_info = _local_or_pulled(spec_or_dir, endpoint, token, cache_dir)
     base_dir = Path(base)
     if not base_dir.is_dir():
         api = HfApi(endpoint=endpoint, token=token)
@@ -315,6 +314,14 @@ def merge(
             api.create_repo(push_to, private=True, exist_ok=True)
             url = api.upload_folder(repo_id=push_to, folder_path=path, commit_message=f"Merge {spec_or_dir} into {base}")
     return MergeResult(path, max_diff, saved_dtype, str(url) if url else None)
+
+
+def _local_or_pulled(dir_or_spec: str | os.PathLike, endpoint, token, cache_dir) -> tuple[Path, AdapterInfo]:
+    """A local adapter folder, or the spec pulled; with its validated info either way."""
+    local = Path(dir_or_spec)
+    if local.is_dir():
+        return local, _validate(local)
+    return _pull(str(dir_or_spec), None, endpoint, token, cache_dir)
 
 
 # -- errors ------------------------------------------------------------------------------------------------
