@@ -1,8 +1,9 @@
 """Training-step cost of LoRA: ours vs PEFT vs full fine-tuning vs the frozen-model floor, as a markdown table.
 
 Time: every variant's model lives in this one process and the variants are stepped in turn, round after round
-(the order rotates each round), so machine noise hits all alike; we report medians after warm-up rounds and
-ratios to the frozen floor and to PEFT with the same targets. A step is forward, cross-entropy loss, backward
+(the order rotates each round), so machine noise hits all alike; after warm-up rounds we report the median step
+time and, for the ratios to the frozen floor and to PEFT with the same targets, the median and quartiles of the
+per-round ratios. A step is forward, cross-entropy loss, backward
 and AdamW (`zero_grad(set_to_none=True)`); the floor has every weight frozen and takes the gradient w.r.t.
 `inputs_embeds` (the least work any adapter method must do: forward plus the input-gradient half of backward).
 
@@ -103,8 +104,8 @@ def make_step(name: str, model: nn.Module, args: argparse.Namespace) -> Callable
     return step
 
 
-def time_variants(kind: str, args: argparse.Namespace) -> dict[str, float]:
-    """Median step seconds per variant, stepped in rotating order in this process."""
+def time_variants(kind: str, args: argparse.Namespace) -> dict[str, list[float]]:
+    """Step seconds per variant and round, the variants stepped in rotating order in this process."""
     names = variants(kind)
     steps = {n: make_step(n, make_variant(n, kind, args), args) for n in names}
     times: dict[str, list[float]] = {n: [] for n in names}
@@ -116,7 +117,30 @@ def time_variants(kind: str, args: argparse.Namespace) -> dict[str, float]:
             steps[name]()
             if round_ >= args.warmup:
                 times[name].append(clock() - start)
-    return {n: statistics.median(t) for n, t in times.items()}
+    return times
+
+
+def paired_ratio(times: dict[str, list[float]], name: str, reference: str) -> str:
+    """Median over rounds of `name`'s step time over `reference`'s in the same round, with the quartiles.
+
+    Pairing by round cancels slow drifts of the machine (other tenants, frequency) that a ratio of two medians
+    keeps."""
+    ratios = [t / r for t, r in zip(times[name], times[reference])]
+    q1, median, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    return f"{median:.3f} ({q1:.2f}-{q3:.2f})"
+
+
+def steady_heap() -> None:
+    """Keep freed memory in glibc's heap (no mmap'ed chunks, no trimming): each step then reuses pages instead
+    of faulting in fresh zeroed ones for every large activation, which removes most of the run-to-run spread
+    (and the page-fault time, which grows with what a variant allocates)."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4  # <malloc.h>
+    for option, value in ((m_mmap_max, 0), (m_trim_threshold, 2**31 - 1), (m_top_pad, 256 << 20)):
+        if not libc.mallopt(option, value):
+            raise OSError(f"mallopt({option}, {value}) failed")
 
 
 def _rss_kb(field: str) -> int:
@@ -144,21 +168,22 @@ def memory_in_child(name: str, kind: str, args: argparse.Namespace) -> dict[str,
     return json.loads(out.strip().splitlines()[-1])
 
 
-def table(kind: str, args: argparse.Namespace, medians: dict[str, float], memory: dict[str, dict]) -> str:
+def table(kind: str, args: argparse.Namespace, times: dict[str, list[float]], memory: dict[str, dict]) -> str:
     rows = [(f"### {kind}-shaped: {args.layers} layers x {args.hidden}, seq {args.seq}, batch {args.batch}, "
-            f"r=8, {args.threads} threads, {args.clock} clock; medians of {args.steps} steps"),
+            f"r=8, {args.threads} threads, {args.clock} clock{', steady heap' if args.steady_heap else ''}; {args.steps} rounds, ratios paired by round "
+            "(median, quartiles)"),
             "", "| variant | step ms | / floor | ours / PEFT | peak RSS MB | step peak MB | step peak / PEFT |",
             "|---|---|---|---|---|---|---|"]
-    floor = medians["floor"]
-    for name, t in medians.items():
+    for name, t in times.items():
         lib, _, targets = name.partition(" ")
         peft_name = f"peft {targets}"
-        vs_peft = f"{t / medians[peft_name]:.3f}" if lib == "ours" else ""
+        vs_peft = paired_ratio(times, name, peft_name) if lib == "ours" else ""
         mem = memory.get(name, {})
         mem_vs = (f"{mem['step_mb'] / memory[peft_name]['step_mb']:.3f}"
                   if lib == "ours" and mem and memory.get(peft_name) else "")
         peak, step = (f"{mem['peak_mb']:,.0f}", f"{mem['step_mb']:,.0f}") if mem else ("-", "-")
-        rows.append(f"| {name} | {1000 * t:,.0f} | {t / floor:.3f} | {vs_peft} | {peak} | {step} | {mem_vs} |")
+        rows.append(f"| {name} | {1000 * statistics.median(t):,.0f} | {paired_ratio(times, name, 'floor')} | "
+                    f"{vs_peft} | {peak} | {step} | {mem_vs} |")
     return "\n".join(rows)
 
 
@@ -169,11 +194,13 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=768)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=6, help="timed rounds (after --warmup rounds)")
+    parser.add_argument("--steps", type=int, default=12, help="timed rounds (after --warmup rounds)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--mem-steps", type=int, default=2, help="steps per memory child (0: skip memory)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--clock", choices=list(CLOCKS), default="wall")
+    parser.add_argument("--steady-heap", action="store_true",
+                        help="time with glibc's heap kept (no page faults per step; see steady_heap)")
     parser.add_argument("--quick", action="store_true", help="2 layers x 256, seq 64, 3 steps: a smoke run")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -183,10 +210,12 @@ def main() -> None:
     if args.child:
         print(json.dumps(measure_memory(args.child, args.model, args)))
         return
+    if args.steady_heap:
+        steady_heap()
     for kind in (["gpt2", "llama"] if args.model == "both" else [args.model]):
-        medians = time_variants(kind, args)
+        times = time_variants(kind, args)
         memory = {n: memory_in_child(n, kind, args) for n in variants(kind)} if args.mem_steps else {}
-        print(table(kind, args, medians, memory), flush=True)
+        print(table(kind, args, times, memory), flush=True)
         print()
 
 
