@@ -77,9 +77,9 @@ def make_variant(name: str, kind: str, args: argparse.Namespace) -> nn.Module:
     if lib == "peft":
         import peft
 
-        config = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=spec)
+        config = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=args.dropout, target_modules=spec)
         return peft.get_peft_model(model, config).train()
-    inject(model, LoRAConfig(r=8, alpha=16, target_modules=spec))
+    inject(model, LoRAConfig(r=8, alpha=16, dropout=args.dropout, target_modules=spec))
     return model.train()
 
 
@@ -163,15 +163,16 @@ def measure_memory(name: str, kind: str, args: argparse.Namespace) -> dict[str, 
 def memory_in_child(name: str, kind: str, args: argparse.Namespace) -> dict[str, float]:
     cmd = [sys.executable, __file__, "--child", name, "--model", kind, "--layers", str(args.layers),
            "--hidden", str(args.hidden), "--seq", str(args.seq), "--batch", str(args.batch),
-           "--mem-steps", str(args.mem_steps), "--threads", str(args.threads)]
+           "--mem-steps", str(args.mem_steps), "--threads", str(args.threads), "--dropout", str(args.dropout)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
 def table(kind: str, args: argparse.Namespace, times: dict[str, list[float]], memory: dict[str, dict]) -> str:
+    heap = ", steady heap" if args.steady_heap else ""
     rows = [(f"### {kind}-shaped: {args.layers} layers x {args.hidden}, seq {args.seq}, batch {args.batch}, "
-            f"r=8, {args.threads} threads, {args.clock} clock{', steady heap' if args.steady_heap else ''}; {args.steps} rounds, ratios paired by round "
-            "(median, quartiles)"),
+             f"r=8, dropout {args.dropout}, {args.threads} threads, {args.clock} clock{heap}; {args.steps} rounds, "
+             "ratios paired by round (median, quartiles)"),
             "", "| variant | step ms | / floor | ours / PEFT | peak RSS MB | step peak MB | step peak / PEFT |",
             "|---|---|---|---|---|---|---|"]
     for name, t in times.items():
@@ -198,6 +199,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--mem-steps", type=int, default=2, help="steps per memory child (0: skip memory)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout of both ours and PEFT")
     parser.add_argument("--clock", choices=list(CLOCKS), default="wall")
     parser.add_argument("--steady-heap", action="store_true",
                         help="time with glibc's heap kept (no page faults per step; see steady_heap)")

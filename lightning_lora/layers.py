@@ -160,8 +160,9 @@ class LoRALinear(LoRALayer):
     """LoRA (and DoRA) around ``nn.Linear`` or transformers' ``Conv1D`` (GPT-2, weight stored ``[in, out]``),
     or a 4-bit base from `lightning_lora.quant` (QLoRA).
 
-    Shapes follow PEFT for both: A ``[r, in]``, B ``[out, r]``. With one active adapter, no dropout and no
-    autocast, forward and backward run through `lora_linear`, which saves only what the backward needs.
+    Shapes follow PEFT for both: A ``[r, in]``, B ``[out, r]``. With one active adapter, a dense base and no
+    autocast (and for DoRA no active dropout), forward and backward run through `lora_linear`, which saves only
+    what the backward needs.
 
     DoRA (Liu et al. 2024) splits the adapted weight into a magnitude and a direction,
 
@@ -291,24 +292,30 @@ class LoRALinear(LoRALayer):
             name, base = names[0], self.base_layer
             a, b, s = self.lora_a[name], self.lora_b[name], self.scaling[name]
             if name not in self.lora_magnitude_vector:
-                return lora_linear(x, base.weight, base.bias, a, b, s, self.fan_in_fan_out)
+                x_lora = self._dropped(x, name)
+                return lora_linear(x, base.weight, base.bias, a, b, s, self.fan_in_fan_out,
+                                   None if x_lora is x else x_lora)
             u = lora_linear(x, base.weight, None, a, b, s, self.fan_in_fan_out)  # (W0 + s B A) x
             return _ScaleOutputs.apply(u, self.dora_scale(name), base.bias)
         return super().forward(x)
 
     def _fast_path_ok(self, x: torch.Tensor, name: str) -> bool:
         weight = self.base_layer.weight
+        dropping = self.training and self.dropout_p[name] > 0
         return (
             type(self.base_layer) in (nn.Linear, Conv1D)
-            and (self.dropout_p[name] == 0 or not self.training)
+            and not (dropping and name in self.lora_magnitude_vector)
             and x.dtype == weight.dtype == self.lora_a[name].dtype
             and not torch.is_autocast_enabled(x.device.type)
         )
 
     def _lora_output(self, x: torch.Tensor, name: str, base_out: torch.Tensor) -> torch.Tensor:
-        a = self.lora_a[name]
-        x = self._dropped(x, name).to(a.dtype)
-        lora = F.linear(F.linear(x, a), self.lora_b[name]) * self.scaling[name]
+        a, b = self.lora_a[name], self.lora_b[name]
+        device = x.device.type
+        # autocast does not reach into an autograd.Function's backward: cast here as autocast would for F.linear
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else a.dtype
+        x = self._dropped(x, name).to(dtype)
+        lora = _LoRAProduct.apply(x, a.to(dtype), b.to(dtype), self.scaling[name])
         if name not in self.lora_magnitude_vector:
             return lora
         # DoRA added to the base output W0 x + bias: (g - 1) W0 x' + g s B A x' (x' = x after dropout, as PEFT).
@@ -379,7 +386,8 @@ class LoRAConv(LoRALayer):
 
 
 class _LoRALinearFunction(torch.autograd.Function):
-    """``y = x W^T + bias + s (x A^T) B^T`` with a backward that keeps only ``x`` and ``x A^T``.
+    """``y = x W^T + bias + s (x' A^T) B^T`` (``x'``: x, or x after dropout) with a backward that keeps only
+    ``x'`` and ``x' A^T``.
 
     The frozen base needs no weight gradient, so nothing beyond the inputs is saved. The rank-r product (with
     the bias and the scale) is written first and the base GEMM accumulates onto it in place (``addmm_``, BLAS
@@ -390,52 +398,87 @@ class _LoRALinearFunction(torch.autograd.Function):
     (``[r, out]``). These are the same products as ``dy B`` and ``dy^T xa``, but with the long ``T`` or ``out``
     axis as the GEMM's output columns; CPU BLAS runs rank-8 GEMMs shaped that way 3-6x faster (measured with
     torch 2.13 / oneDNN on x86: ``dy B`` 0.68 ms vs ``B^T dy^T`` 0.23 ms for ``T=512, out=2304``).
+
+    With dropout the LoRA branch reads ``x_lora`` (x after dropout, made outside by ``F.dropout``) and the
+    backward returns its gradient separately; without, ``x_lora`` is None and ``dx`` is one accumulated GEMM.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, fan_in_fan_out: bool):
+    def forward(ctx, x, x_lora, weight, bias, lora_a, lora_b, scaling: float, fan_in_fan_out: bool):
         x2 = x.reshape(-1, x.shape[-1])
+        xl2 = x2 if x_lora is None else x_lora.reshape(x2.shape)
         w = weight if fan_in_fan_out else weight.t()  # [in, out]
-        xa = x2 @ lora_a.t()
+        xa = xl2 @ lora_a.t()
         lora_bt = lora_b.t()
         out = torch.addmm(bias, xa, lora_bt, alpha=scaling) if bias is not None else xa @ (lora_bt * scaling)
         out.addmm_(x2, w)
-        ctx.save_for_backward(x2, xa, weight, lora_a, lora_b)
+        need_w = ctx.needs_input_grad[2]  # only when a user unfroze the base weight
+        ctx.save_for_backward(xl2, xa, weight, lora_a, lora_b, x2 if need_w else None)
         ctx.scaling, ctx.fan_in_fan_out, ctx.x_shape = scaling, fan_in_fan_out, x.shape
+        ctx.shared_input = x_lora is None
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        x2, xa, weight, lora_a, lora_b = ctx.saved_tensors
-        s = ctx.scaling
+        xl2, xa, weight, lora_a, lora_b, x2 = ctx.saved_tensors
         dy = grad_out.reshape(-1, grad_out.shape[-1])
-        dxa_t = (lora_b.t() @ dy.t()).mul_(s)  # [r, T]
-        need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
-        grad_x = grad_w = grad_bias = grad_a = grad_b = None
-        if need_b:
-            grad_b = (xa.t() @ dy).mul_(s).t().contiguous()
-        if need_x:
-            grad_x = dxa_t.t() @ lora_a
-            grad_x.addmm_(dy, weight.t() if ctx.fan_in_fan_out else weight)
-            grad_x = grad_x.view(ctx.x_shape)
-        if need_w:  # only when a user unfroze the base weight
+        need_x, need_xl, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:6]
+        dxa_t, grad_a, grad_b = _lora_grads(dy, xl2, xa, lora_a, lora_b, ctx.scaling, need_a, need_b)
+        w = weight.t() if ctx.fan_in_fan_out else weight  # [out, in]
+        grad_x = grad_xl = grad_w = grad_bias = None
+        if ctx.shared_input and need_x:
+            grad_x = (dxa_t.t() @ lora_a).addmm_(dy, w).view(ctx.x_shape)
+        elif need_x:
+            grad_x = (dy @ w).view(ctx.x_shape)
+        if need_xl:
+            grad_xl = (dxa_t.t() @ lora_a).view(ctx.x_shape)
+        if need_w:
             grad_w = x2.t() @ dy if ctx.fan_in_fan_out else dy.t() @ x2
         if need_bias:
             grad_bias = dy.sum(0)
-        if need_a:
-            grad_a = dxa_t @ x2
-        return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None
+        return grad_x, grad_xl, grad_w, grad_bias, grad_a, grad_b, None, None
+
+
+class _LoRAProduct(torch.autograd.Function):
+    """``s (x A^T) B^T`` alone, with `_LoRALinearFunction`'s rank-major backward: the LoRA branch of the
+    general path (dropout, autocast, a 4-bit base, several adapters), where the base output comes from elsewhere."""
+
+    @staticmethod
+    def forward(ctx, x, lora_a, lora_b, scaling: float):
+        x2 = x.reshape(-1, x.shape[-1])
+        xa = x2 @ lora_a.t()
+        ctx.save_for_backward(x2, xa, lora_a, lora_b)
+        ctx.scaling, ctx.x_shape = scaling, x.shape
+        return (xa @ (lora_b.t() * scaling)).view(*x.shape[:-1], lora_b.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x2, xa, lora_a, lora_b = ctx.saved_tensors
+        dy = grad_out.reshape(-1, grad_out.shape[-1])
+        dxa_t, grad_a, grad_b = _lora_grads(dy, x2, xa, lora_a, lora_b, ctx.scaling, *ctx.needs_input_grad[1:3])
+        grad_x = (dxa_t.t() @ lora_a).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        return grad_x, grad_a, grad_b, None
+
+
+def _lora_grads(dy, x2, xa, lora_a, lora_b, scaling: float, need_a: bool, need_b: bool):
+    """``s dxa^T`` (``[r, T]``) and the gradients of A and B (or None), in the rank-major layout; `dy` is read
+    by the two GEMMs back to back, while it is still in cache."""
+    dxa_t = (lora_b.t() @ dy.t()).mul_(scaling)
+    grad_b = (xa.t() @ dy).mul_(scaling).t().contiguous() if need_b else None
+    grad_a = dxa_t @ x2 if need_a else None
+    return dxa_t, grad_a, grad_b
 
 
 def lora_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
-    lora_b: torch.Tensor, scaling: float, fan_in_fan_out: bool = False,
+    lora_b: torch.Tensor, scaling: float, fan_in_fan_out: bool = False, x_lora: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The fused LoRA linear: equal to ``F.linear(x, W, bias) + s * F.linear(F.linear(x, A), B)``.
+    """The fused LoRA linear: equal to ``F.linear(x, W, bias) + s * F.linear(F.linear(x_lora, A), B)``.
 
-    `weight` is ``[out, in]`` (``[in, out]`` when `fan_in_fan_out`), `lora_a` ``[r, in]``, `lora_b` ``[out, r]``.
+    `weight` is ``[out, in]`` (``[in, out]`` when `fan_in_fan_out`), `lora_a` ``[r, in]``, `lora_b` ``[out, r]``;
+    `x_lora` is the LoRA branch's input (`x` after dropout), None for `x` itself.
     """
-    return _LoRALinearFunction.apply(x, weight, bias, lora_a, lora_b, scaling, fan_in_fan_out)
+    return _LoRALinearFunction.apply(x, x_lora, weight, bias, lora_a, lora_b, scaling, fan_in_fan_out)
 
 
 class _ScaleOutputs(torch.autograd.Function):

@@ -68,6 +68,8 @@ def test_linear_output_and_gradients_equal_plain_formula(kind, bias):
 
     fused = layer(x)
     fused.backward(grad_out)
+    # the rank-major backward hands back gradients laid out like their parameters (no copies in the optimizer)
+    assert all(p.grad.stride() == p.stride() for p in params)
     fused_grads = _grads(x, *params)
 
     plain = F.linear(x, w, base.bias) + s * F.linear(F.linear(x, a), b)
@@ -156,15 +158,22 @@ def test_dropout_only_on_lora_branch():
     layer, w = _linear_case("linear", True)
     layer.dropout_p["default"] = 0.5
     a, b, s = layer.lora_a["default"], layer.lora_b["default"], layer.scaling["default"]
-    x = torch.randn(64, 12)
+    x = torch.randn(64, 12, requires_grad=True)
+    grad_out = torch.randn(64, 20)
     layer.train()
     torch.manual_seed(7)
     out = layer(x)
+    out.backward(grad_out)
+    got = _grads(x, a, b)
     torch.manual_seed(7)
     dropped = F.dropout(x, 0.5, training=True)
     assert not torch.equal(dropped, x)
     want = F.linear(x, w, layer.base_layer.bias) + s * F.linear(F.linear(dropped, a), b)
     assert torch.allclose(out, want, **TOL)
+    want.backward(grad_out)  # the gradient of x flows through the base and, masked, through the LoRA branch
+    for g, expected in zip(got, _grads(x, a, b)):
+        assert torch.allclose(g, expected, **TOL)
+    x = x.detach()
     layer.eval()  # no dropout at inference: the plain formula on x
     assert torch.allclose(layer(x), F.linear(x, w, layer.base_layer.bias) + s * F.linear(F.linear(x, a), b), **TOL)
     # with the LoRA branch at zero the output is the base output bit for bit, dropout or not

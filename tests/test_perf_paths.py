@@ -64,7 +64,9 @@ def test_fast_path_taken_only_when_it_is_exact():
     assert layer._fast_path_ok(x, "default")
     assert not layer._fast_path_ok(x.double(), "default")  # dtype mismatch: the general path casts
     layer.dropout_p["default"] = 0.1
-    assert not layer._fast_path_ok(x, "default")  # dropout in training: the general path drops the LoRA input
+    assert layer._fast_path_ok(x, "default")  # dropout: the fused function takes the dropped LoRA input
+    layer.lora_magnitude_vector["default"] = nn.Parameter(torch.ones(8))
+    assert not layer._fast_path_ok(x, "default")  # DoRA with dropout: (g - 1) W0 x' needs the general path
     layer.eval()
     assert layer._fast_path_ok(x, "default")
     with torch.autocast("cpu", dtype=torch.bfloat16):
