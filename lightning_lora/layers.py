@@ -441,7 +441,7 @@ class _LoRALinearFunction(torch.autograd.Function):
 
 class _LoRAProduct(torch.autograd.Function):
     """``s (x A^T) B^T`` alone, with `_LoRALinearFunction`'s rank-major backward: the LoRA branch of the
-    general path (autocast, a 4-bit base, several adapters, DoRA with dropout), where the base output comes from elsewhere."""
+    general path (autocast, a 4-bit base, several adapters, DoRA with dropout), whose base output comes apart."""
 
     @staticmethod
     def forward(ctx, x, lora_a, lora_b, scaling: float):
