@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import quant
 from .combine import AdapterLike, as_adapter_state
 from .io import AdapterError, atomic_write
 from .layers import LoRALayer, lora_class_for
@@ -92,7 +93,8 @@ def amplification(delta: torch.Tensor, weight: torch.Tensor, r: int) -> float:
 
 def amplification_factors(base: nn.Module, adapter: AdapterLike) -> dict[str, float]:
     """The amplification factor of every layer `adapter` adapts, against the weights of `base` (the base
-    model, plain or with unmerged LoRA layers; a merged one would project dW onto W0 + dW)."""
+    model, plain or with unmerged LoRA layers, 4-bit layers dequantized; a merged one would project dW onto
+    W0 + dW)."""
     state = as_adapter_state(adapter)
     out = {}
     for path, (a, b, scaling) in state.factors().items():
@@ -113,7 +115,7 @@ def amplification_factors(base: nn.Module, adapter: AdapterLike) -> dict[str, fl
             probe.lora_a["probe"].copy_(a)
             probe.lora_b["probe"].copy_(b)
         delta = probe.delta_weight("probe")
-        weight = module.weight.detach()
+        weight = quant.dequantize(module) if quant.is_quantized(module) else module.weight.detach()
         out[path] = amplification(delta.reshape(delta.shape[0], -1), weight.reshape(weight.shape[0], -1), a.shape[0])
     return out
 

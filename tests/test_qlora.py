@@ -120,6 +120,27 @@ def test_adapter_saved_from_qlora_loads_on_4bit_and_fp32_bases(backend, adapter_
     assert (model_output(full, batch) - model_output(model, batch)).abs().max() < 0.5
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_amplification_factors_on_a_4bit_base_read_its_dequantized_weights(backend, tmp_path):
+    from lightning_lora.analysis import amplification_factors
+
+    model = tiny_llama(hidden=64)
+    inject(model, LoRAConfig(r=4, target_modules=["q_proj", "v_proj"], quantize="nf4", quant_backend=backend))
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, LoRALayer):
+                module.lora_b["default"].normal_()
+    directory = save_adapter(model, tmp_path / "adapter")
+    dense = tiny_llama(hidden=64)
+    with torch.no_grad():
+        for path, module in model.named_modules():
+            if isinstance(module, LoRALayer):
+                dense.get_submodule(path).weight.copy_(quant.dequantize(module.base_layer))
+    factors = amplification_factors(model, directory)
+    assert len(factors) == 4 and all(f > 0 for f in factors.values())
+    assert factors == pytest.approx(amplification_factors(dense, directory), rel=1e-4)
+
+
 def test_model_loaded_with_bitsandbytes_config_is_wrapped_with_dora(tmp_path):
     pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
