@@ -66,8 +66,9 @@ def variants(kind: str) -> list[str]:
 
 
 def make_variant(name: str, kind: str, args: argparse.Namespace) -> nn.Module:
-    """The model for variant `name`: full, floor, or '<peft|ours> <targets>' with r=8, alpha=16."""
-    model = build_model(kind, args.layers, args.hidden, args.seq)
+    """The model for variant `name`: full, floor, or '<peft|ours> <targets>' with r=8, alpha=16, on
+    `args.device` in `args.dtype` (each library then keeps its adapters in its default dtype)."""
+    model = build_model(kind, args.layers, args.hidden, args.seq).to(args.device, getattr(torch, args.dtype))
     if name == "full":
         return model.train()
     if name == "floor":
@@ -87,6 +88,7 @@ def make_step(name: str, model: nn.Module, args: argparse.Namespace) -> Callable
     """One training step of `model` as a closure (the floor's: gradient w.r.t. inputs_embeds only)."""
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
+    ids = ids.to(args.device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4) if params else None
     embed = model.get_input_embeddings()
@@ -101,6 +103,8 @@ def make_step(name: str, model: nn.Module, args: argparse.Namespace) -> Callable
         if opt is not None:
             opt.step()
             opt.zero_grad(set_to_none=True)
+        if args.device == "cuda":
+            torch.cuda.synchronize()  # the clock reads the host: wait for the GPU's queue
     return step
 
 
@@ -149,8 +153,16 @@ def _rss_kb(field: str) -> int:
 
 
 def measure_memory(name: str, kind: str, args: argparse.Namespace) -> dict[str, float]:
-    """Run in a child: peak RSS of `args.mem_steps` steps of one variant, and what the steps add."""
+    """Run in a child: peak RSS (on CUDA: peak allocated GPU memory) of `args.mem_steps` steps of one
+    variant, and what the steps add."""
     step = make_step(name, make_variant(name, kind, args), args)
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        for _ in range(args.mem_steps):
+            step()
+        peak = torch.cuda.max_memory_allocated()
+        return {"peak_mb": peak / 2**20, "step_mb": (peak - before) / 2**20}
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
     before = _rss_kb("VmRSS")
@@ -163,18 +175,20 @@ def measure_memory(name: str, kind: str, args: argparse.Namespace) -> dict[str, 
 def memory_in_child(name: str, kind: str, args: argparse.Namespace) -> dict[str, float]:
     cmd = [sys.executable, __file__, "--child", name, "--model", kind, "--layers", str(args.layers),
            "--hidden", str(args.hidden), "--seq", str(args.seq), "--batch", str(args.batch),
-           "--mem-steps", str(args.mem_steps), "--threads", str(args.threads), "--dropout", str(args.dropout)]
+           "--mem-steps", str(args.mem_steps), "--threads", str(args.threads), "--dropout", str(args.dropout),
+           "--device", args.device, "--dtype", args.dtype]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
 def table(kind: str, args: argparse.Namespace, times: dict[str, list[float]], memory: dict[str, dict]) -> str:
     heap = ", steady heap" if args.steady_heap else ""
+    memory_kind = "GPU" if args.device == "cuda" else "RSS"
     rows = [(f"### {kind}-shaped: {args.layers} layers x {args.hidden}, seq {args.seq}, batch {args.batch}, "
-             f"r=8, dropout {args.dropout}, {args.threads} threads, {args.clock} clock{heap}; {args.steps} rounds, "
-             "ratios paired by round (median, quartiles)"),
-            "", "| variant | step ms | / floor | ours / PEFT | peak RSS MB | step peak MB | step peak / PEFT |",
-            "|---|---|---|---|---|---|---|"]
+             f"r=8, dropout {args.dropout}, {args.dtype} on {args.device}, {args.threads} threads, {args.clock} clock"
+             f"{heap}; {args.steps} rounds, ratios paired by round (median, quartiles)"),
+            "", (f"| variant | step ms | tokens/s | / floor | ours / PEFT | peak {memory_kind} MB | step peak MB | "
+                 "step peak / PEFT |"), "|---|---|---|---|---|---|---|---|"]
     for name, t in times.items():
         lib, _, targets = name.partition(" ")
         peft_name = f"peft {targets}"
@@ -183,7 +197,9 @@ def table(kind: str, args: argparse.Namespace, times: dict[str, list[float]], me
         mem_vs = (f"{mem['step_mb'] / memory[peft_name]['step_mb']:.3f}"
                   if lib == "ours" and mem and memory.get(peft_name) else "")
         peak, step = (f"{mem['peak_mb']:,.0f}", f"{mem['step_mb']:,.0f}") if mem else ("-", "-")
-        rows.append(f"| {name} | {1000 * statistics.median(t):,.0f} | {paired_ratio(times, name, 'floor')} | "
+        median = statistics.median(t)
+        rows.append(f"| {name} | {1000 * median:,.0f} | {args.batch * args.seq / median:,.0f} | "
+                    f"{paired_ratio(times, name, 'floor')} | "
                     f"{vs_peft} | {peak} | {step} | {mem_vs} |")
     return "\n".join(rows)
 
@@ -200,6 +216,8 @@ def main() -> None:
     parser.add_argument("--mem-steps", type=int, default=2, help="steps per memory child (0: skip memory)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout of both ours and PEFT")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="the models' weights")
     parser.add_argument("--clock", choices=list(CLOCKS), default="wall")
     parser.add_argument("--steady-heap", action="store_true",
                         help="time with glibc's heap kept (no page faults per step; see steady_heap)")
