@@ -141,8 +141,9 @@ class LoRALayer(nn.Module):
         return [n for n in self.active_adapters if n not in self.merged_adapters]
 
     def _dropped(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """`x` after this adapter's dropout: `x` itself (the same object) when none is active."""
         p = self.dropout_p[name]
-        return F.dropout(x, p, self.training) if p > 0 else x
+        return F.dropout(x, p) if p > 0 and self.training else x
 
     def _lora_output(self, x: torch.Tensor, name: str, base_out: torch.Tensor) -> torch.Tensor:
         """What adapter `name` adds to the base output `base_out` for input `x` (DoRA reuses `base_out`)."""
