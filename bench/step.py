@@ -94,11 +94,12 @@ def make_step(name: str, model: nn.Module, args: argparse.Namespace) -> Callable
     embed = model.get_input_embeddings()
 
     def step() -> None:
-        if name == "floor":
-            embeds = embed(ids).detach().requires_grad_(True)
-            loss = model(inputs_embeds=embeds, labels=ids).loss
-        else:
-            loss = model(input_ids=ids, labels=ids).loss
+        with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.autocast):
+            if name == "floor":
+                embeds = embed(ids).detach().requires_grad_(True)
+                loss = model(inputs_embeds=embeds, labels=ids).loss
+            else:
+                loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         if opt is not None:
             opt.step()
@@ -176,7 +177,7 @@ def memory_in_child(name: str, kind: str, args: argparse.Namespace) -> dict[str,
     cmd = [sys.executable, __file__, "--child", name, "--model", kind, "--layers", str(args.layers),
            "--hidden", str(args.hidden), "--seq", str(args.seq), "--batch", str(args.batch),
            "--mem-steps", str(args.mem_steps), "--threads", str(args.threads), "--dropout", str(args.dropout),
-           "--device", args.device, "--dtype", args.dtype]
+           "--device", args.device, "--dtype", args.dtype] + ["--autocast"] * args.autocast
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -185,7 +186,7 @@ def table(kind: str, args: argparse.Namespace, times: dict[str, list[float]], me
     heap = ", steady heap" if args.steady_heap else ""
     memory_kind = "GPU" if args.device == "cuda" else "RSS"
     rows = [(f"### {kind}-shaped: {args.layers} layers x {args.hidden}, seq {args.seq}, batch {args.batch}, "
-             f"r=8, dropout {args.dropout}, {args.dtype} on {args.device}, {args.threads} threads, {args.clock} clock"
+             f"r=8, dropout {args.dropout}, {args.dtype}{' + bf16 autocast' * args.autocast} on {args.device}, {args.threads} threads, {args.clock} clock"
              f"{heap}; {args.steps} rounds, ratios paired by round (median, quartiles)"),
             "", (f"| variant | step ms | tokens/s | / floor | ours / PEFT | peak {memory_kind} MB | step peak MB | "
                  "step peak / PEFT |"), "|---|---|---|---|---|---|---|---|"]
@@ -218,6 +219,8 @@ def main() -> None:
     parser.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout of both ours and PEFT")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="the models' weights")
+    parser.add_argument("--autocast", action="store_true",
+                        help="forward and loss under bf16 autocast (Lightning's precision='bf16-mixed')")
     parser.add_argument("--clock", choices=list(CLOCKS), default="wall")
     parser.add_argument("--steady-heap", action="store_true",
                         help="time with glibc's heap kept (no page faults per step; see steady_heap)")

@@ -161,9 +161,9 @@ class LoRALinear(LoRALayer):
     """LoRA (and DoRA) around ``nn.Linear`` or transformers' ``Conv1D`` (GPT-2, weight stored ``[in, out]``),
     or a 4-bit base from `lightning_lora.quant` (QLoRA).
 
-    Shapes follow PEFT for both: A ``[r, in]``, B ``[out, r]``. With one active adapter, a dense base and no
-    autocast (and for DoRA no active dropout), forward and backward run through `lora_linear`, which saves only
-    what the backward needs.
+    Shapes follow PEFT for both: A ``[r, in]``, B ``[out, r]``. With one active adapter and a dense base (for
+    DoRA: no active dropout, no autocast), forward and backward run through `lora_linear`, which saves only what
+    the backward needs; under autocast it gets the inputs autocast would give ``F.linear``.
 
     DoRA (Liu et al. 2024) splits the adapted weight into a magnitude and a direction,
 
@@ -289,26 +289,37 @@ class LoRALinear(LoRALayer):
     # -- forward --------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         names = self._unmerged_active()
-        if len(names) == 1 and self._fast_path_ok(x, names[0]):
-            name, base = names[0], self.base_layer
-            a, b, s = self.lora_a[name], self.lora_b[name], self.scaling[name]
-            if name not in self.lora_magnitude_vector:
-                x_lora = self._dropped(x, name)
-                return lora_linear(x, base.weight, base.bias, a, b, s, self.fan_in_fan_out,
-                                   None if x_lora is x else x_lora)
-            u = lora_linear(x, base.weight, None, a, b, s, self.fan_in_fan_out)  # (W0 + s B A) x
-            return _ScaleOutputs.apply(u, self.dora_scale(name), base.bias)
-        return super().forward(x)
+        dtype = self._fused_dtype(x, names[0]) if len(names) == 1 else None
+        if dtype is None:
+            return super().forward(x)
+        name, base = names[0], self.base_layer
+        # under autocast, the casts autocast would make for F.linear (each a no-op when the dtype is already right)
+        weight, bias = base.weight.to(dtype), None if base.bias is None else base.bias.to(dtype)
+        a, b, s = self.lora_a[name].to(dtype), self.lora_b[name].to(dtype), self.scaling[name]
+        x_lora = self._dropped(x, name)
+        x, x_lora = x.to(dtype), None if x_lora is x else x_lora.to(dtype)
+        if name not in self.lora_magnitude_vector:
+            return lora_linear(x, weight, bias, a, b, s, self.fan_in_fan_out, x_lora)
+        u = lora_linear(x, weight, None, a, b, s, self.fan_in_fan_out)  # (W0 + s B A) x
+        return _ScaleOutputs.apply(u, self.dora_scale(name), bias)
 
-    def _fast_path_ok(self, x: torch.Tensor, name: str) -> bool:
-        weight = self.base_layer.weight
-        dropping = self.training and self.dropout_p[name] > 0
-        return (
-            type(self.base_layer) in (nn.Linear, Conv1D)
-            and not (dropping and name in self.lora_magnitude_vector)
-            and x.dtype == weight.dtype == self.lora_a[name].dtype
-            and not torch.is_autocast_enabled(x.device.type)
-        )
+    def _fused_dtype(self, x: torch.Tensor, name: str) -> torch.dtype | None:
+        """The dtype `lora_linear` runs adapter `name` in, or None where the general path must run.
+
+        Under autocast that is autocast's dtype, the one ``F.linear`` would compute in, for inputs, weights and
+        adapters in fp32 or already in it (DoRA under autocast takes the general path); otherwise the one dtype
+        that input, weight and adapter share. Also general: a 4-bit base, and DoRA with active dropout, whose
+        ``(g - 1) W0 x'`` needs a base product of the dropped input."""
+        if type(self.base_layer) not in (nn.Linear, Conv1D):
+            return None
+        dora = name in self.lora_magnitude_vector
+        dtypes = {x.dtype, self.base_layer.weight.dtype, self.lora_a[name].dtype}
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            return dtype if not dora and dtypes <= {torch.float32, dtype} else None
+        if dora and self.training and self.dropout_p[name] > 0:
+            return None
+        return x.dtype if len(dtypes) == 1 else None
 
     def _lora_output(self, x: torch.Tensor, name: str, base_out: torch.Tensor) -> torch.Tensor:
         a, b = self.lora_a[name], self.lora_b[name]

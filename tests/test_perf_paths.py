@@ -74,16 +74,76 @@ def test_fast_path_taken_only_when_it_is_exact():
     layer = model[0]
     x = torch.randn(3, 8)
     layer.train()
-    assert layer._fast_path_ok(x, "default")
-    assert not layer._fast_path_ok(x.double(), "default")  # dtype mismatch: the general path casts
-    layer.dropout_p["default"] = 0.1
-    assert layer._fast_path_ok(x, "default")  # dropout: the fused function takes the dropped LoRA input
-    layer.lora_magnitude_vector["default"] = nn.Parameter(torch.ones(8))
-    assert not layer._fast_path_ok(x, "default")  # DoRA with dropout: (g - 1) W0 x' needs the general path
-    layer.eval()
-    assert layer._fast_path_ok(x, "default")
+    assert layer._fused_dtype(x, "default") == torch.float32
+    assert layer._fused_dtype(x.double(), "default") is None  # dtype mismatch: the general path casts
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not layer._fast_path_ok(x, "default")
+        assert layer._fused_dtype(x, "default") == torch.bfloat16  # autocast: fused, in autocast's dtype
+        assert layer._fused_dtype(x.bfloat16(), "default") == torch.bfloat16
+        assert layer._fused_dtype(x.double(), "default") is None  # autocast leaves fp64 alone: so do we
+    layer.dropout_p["default"] = 0.1
+    assert layer._fused_dtype(x, "default") == torch.float32  # the fused function takes the dropped LoRA input
+    layer.lora_magnitude_vector["default"] = nn.Parameter(torch.ones(8))
+    assert layer._fused_dtype(x, "default") is None  # DoRA with dropout: (g - 1) W0 x' needs the general path
+    layer.eval()
+    assert layer._fused_dtype(x, "default") == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer._fused_dtype(x, "default") is None  # DoRA under autocast: general path
+
+
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_fused_path_under_autocast_equals_the_general_path(fan_in_fan_out, dropout):
+    """Under bf16 autocast the fused path computes what F.linear and the LoRA product compute under autocast
+    (PEFT's and our general path's formula), to bf16 precision, in output and in every gradient."""
+    torch.manual_seed(0)
+    base = Conv1D(24, 16) if fan_in_fan_out else nn.Linear(16, 24)
+    model = nn.Sequential(base)
+    inject(model, LoRAConfig(r=4, alpha=8, dropout=dropout, target_modules=["0"]))
+    layer = model[0].train()
+    with torch.no_grad():
+        layer.lora_b["default"].normal_()
+    a, b = layer.lora_a["default"], layer.lora_b["default"]
+    x = torch.randn(2, 6, 16, requires_grad=True)
+    dy = torch.randn(2, 6, 24)
+
+    def grads(fn):
+        torch.manual_seed(1)  # the same dropout mask for both
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fn()
+        out.backward(dy)
+        result = [out.float()] + [t.grad.clone() for t in (x, a, b)]
+        for t in (x, a, b):
+            t.grad = None
+        return out.dtype, result
+
+    def formula():
+        w = layer.base_layer.weight.t() if fan_in_fan_out else layer.base_layer.weight
+        x_lora = F.dropout(x, dropout) if dropout else x
+        return F.linear(x, w, layer.base_layer.bias) + 2.0 * F.linear(F.linear(x_lora, a), b)
+
+    got_dtype, got = grads(lambda: model(x))
+    want_dtype, want = grads(formula)
+    assert got_dtype == want_dtype == torch.bfloat16
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        torch.testing.assert_close(g, w, rtol=2e-2, atol=2e-2 * w.abs().max().item())
+
+
+def test_fused_path_under_autocast_compiles_without_graph_breaks():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
+    inject(model, LoRAConfig(r=4, target_modules=["0", "2"]))
+    x = torch.randn(8, 16)
+
+    def run(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(x)
+    explanation = torch._dynamo.explain(run)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    out = torch.compile(run, fullgraph=True, backend="aot_eager")(x)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_B" in n)
 
 
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "grad"])
