@@ -453,7 +453,8 @@ class _LoRALinearFunction(torch.autograd.Function):
 
 class _LoRAProduct(torch.autograd.Function):
     """``s (x A^T) B^T`` alone, with `_LoRALinearFunction`'s rank-major backward: the LoRA branch of the
-    general path (autocast, a 4-bit base, several adapters, DoRA with dropout), whose base output comes apart."""
+    general path (a 4-bit base, several adapters, mixed dtypes, DoRA with dropout or under autocast), whose base
+    output comes apart."""
 
     @staticmethod
     def forward(ctx, x, lora_a, lora_b, scaling: float):
