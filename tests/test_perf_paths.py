@@ -92,7 +92,7 @@ def test_fast_path_taken_only_when_it_is_exact():
 
 @pytest.mark.parametrize("fan_in_fan_out", [False, True])
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
-def test_fused_path_under_autocast_equals_the_general_path(fan_in_fan_out, dropout):
+def test_fused_path_under_autocast_equals_the_autocast_formula(fan_in_fan_out, dropout):
     """Under bf16 autocast the fused path computes what F.linear and the LoRA product compute under autocast
     (PEFT's and our general path's formula), to bf16 precision, in output and in every gradient."""
     torch.manual_seed(0)
