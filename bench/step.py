@@ -14,11 +14,13 @@ and runs the steps; "step peak" is `VmHWM` minus the RSS before the first step, 
     nice python bench/step.py                     # GPT-2-shaped (6 x 768) and Llama-shaped rows
     nice python bench/step.py --quick             # a 2-layer smoke run
     nice python bench/step.py --model gpt2 --steps 10 --layers 12
+    nice python bench/step.py --compile --steady-heap   # every model through torch.compile
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import statistics
@@ -84,6 +86,14 @@ def make_variant(name: str, kind: str, args: argparse.Namespace) -> nn.Module:
     return model.train()
 
 
+def maybe_compile(model: nn.Module, args: argparse.Namespace) -> nn.Module:
+    """With --compile, the model's forward through `torch.compile` (Inductor; it needs a C++ compiler on
+    CPU): the step then runs the compiled forward and its compiled backward. Compiling happens in warm-up."""
+    if args.compile:
+        model.compile()
+    return model
+
+
 def make_step(name: str, model: nn.Module, args: argparse.Namespace) -> Callable[[], None]:
     """One training step of `model` as a closure (the floor's: gradient w.r.t. inputs_embeds only)."""
     vocab = model.config.vocab_size
@@ -112,7 +122,7 @@ def make_step(name: str, model: nn.Module, args: argparse.Namespace) -> Callable
 def time_variants(kind: str, args: argparse.Namespace) -> dict[str, list[float]]:
     """Step seconds per variant and round, the variants stepped in rotating order in this process."""
     names = variants(kind)
-    steps = {n: make_step(n, make_variant(n, kind, args), args) for n in names}
+    steps = {n: make_step(n, maybe_compile(make_variant(n, kind, args), args), args) for n in names}
     times: dict[str, list[float]] = {n: [] for n in names}
     clock = CLOCKS[args.clock]
     for round_ in range(args.warmup + args.steps):
@@ -139,8 +149,6 @@ def steady_heap() -> None:
     """Keep freed memory in glibc's heap (no mmap'ed chunks, no trimming): each step then reuses pages instead
     of faulting in fresh zeroed ones for every large activation, which removes most of the run-to-run spread
     (and the page-fault time, which grows with what a variant allocates)."""
-    import ctypes
-
     libc = ctypes.CDLL("libc.so.6")
     m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4  # <malloc.h>
     for option, value in ((m_mmap_max, 0), (m_trim_threshold, 2**31 - 1), (m_top_pad, 256 << 20)):
@@ -156,7 +164,10 @@ def _rss_kb(field: str) -> int:
 def measure_memory(name: str, kind: str, args: argparse.Namespace) -> dict[str, float]:
     """Run in a child: peak RSS (on CUDA: peak allocated GPU memory) of `args.mem_steps` steps of one
     variant, and what the steps add."""
-    step = make_step(name, make_variant(name, kind, args), args)
+    step = make_step(name, maybe_compile(make_variant(name, kind, args), args), args)
+    if args.compile:
+        step()  # compiling takes far more memory than a step: measure after it (and the optimizer's state)
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand the compiler's freed memory back, or steps reuse it unseen
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
@@ -177,7 +188,8 @@ def memory_in_child(name: str, kind: str, args: argparse.Namespace) -> dict[str,
     cmd = [sys.executable, __file__, "--child", name, "--model", kind, "--layers", str(args.layers),
            "--hidden", str(args.hidden), "--seq", str(args.seq), "--batch", str(args.batch),
            "--mem-steps", str(args.mem_steps), "--threads", str(args.threads), "--dropout", str(args.dropout),
-           "--device", args.device, "--dtype", args.dtype] + ["--autocast"] * args.autocast
+           "--device", args.device, "--dtype", args.dtype]
+    cmd += ["--autocast"] * args.autocast + ["--compile"] * args.compile
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -186,7 +198,7 @@ def table(kind: str, args: argparse.Namespace, times: dict[str, list[float]], me
     heap = ", steady heap" if args.steady_heap else ""
     memory_kind = "GPU" if args.device == "cuda" else "RSS"
     rows = [(f"### {kind}-shaped: {args.layers} layers x {args.hidden}, seq {args.seq}, batch {args.batch}, "
-             f"r=8, dropout {args.dropout}, {args.dtype}{' + bf16 autocast' * args.autocast} on {args.device}, {args.threads} threads, {args.clock} clock"
+             f"r=8, dropout {args.dropout}, {args.dtype}{' + bf16 autocast' * args.autocast}{', compiled' * args.compile} on {args.device}, {args.threads} threads, {args.clock} clock"
              f"{heap}; {args.steps} rounds, ratios paired by round (median, quartiles)"),
             "", (f"| variant | step ms | tokens/s | / floor | ours / PEFT | peak {memory_kind} MB | step peak MB | "
                  "step peak / PEFT |"), "|---|---|---|---|---|---|---|---|"]
@@ -221,6 +233,8 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="the models' weights")
     parser.add_argument("--autocast", action="store_true",
                         help="forward and loss under bf16 autocast (Lightning's precision='bf16-mixed')")
+    parser.add_argument("--compile", action="store_true",
+                        help="every variant's model through torch.compile (Inductor), compiled in warm-up")
     parser.add_argument("--clock", choices=list(CLOCKS), default="wall")
     parser.add_argument("--steady-heap", action="store_true",
                         help="time with glibc's heap kept (no page faults per step; see steady_heap)")
