@@ -16,7 +16,7 @@ import contextlib
 import hashlib
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,6 +31,7 @@ from lightning_lora.io import CARD_NAME, AdapterError, AdapterInfo, atomic_write
 
 from .errors import (
     AuthError,
+    BadSpec,
     HubError,
     IntegrityError,
     InvalidAdapter,
@@ -303,7 +304,7 @@ def merge(
     base_dir = Path(base)
     if not base_dir.is_dir():
         api = HfApi(endpoint=endpoint, token=token)
-        with _translate(api, check_repo_id(str(base))):
+        with _translate(api, _not_a_folder(base, check_repo_id)):
             base_dir = Path(huggingface_hub.snapshot_download(str(base), cache_dir=cache_dir, endpoint=endpoint,
                                                               token=token))
     path, max_diff, saved_dtype = merge_into(adapter, adapter_info, base_dir, Path(out_dir), dtype)
@@ -321,7 +322,17 @@ def _local_or_pulled(dir_or_spec: str | os.PathLike, endpoint, token, cache_dir)
     local = Path(dir_or_spec)
     if local.is_dir():
         return local, _validate(local)
-    return _pull(str(dir_or_spec), None, endpoint, token, cache_dir)
+    return _pull(_not_a_folder(dir_or_spec, parse_spec), None, endpoint, token, cache_dir)
+
+
+def _not_a_folder(value: str | os.PathLike, check: Callable[[str], object]) -> str:
+    """`value`, which names no folder, as a string once `check` (`parse_spec` or `check_repo_id`) accepts it;
+    if it does not, the error says both: a mistyped path should not read as only a malformed repo id."""
+    try:
+        check(str(value))
+    except BadSpec as err:
+        raise BadSpec(f"no folder {str(value)!r}, and {err}") from None
+    return str(value)
 
 
 # -- errors ------------------------------------------------------------------------------------------------

@@ -81,6 +81,10 @@ def test_error_paths(hub_server, published, tmp_path):
         "bad dtype": (["merge", adapter, "--base", tmp_path, "--out", tmp_path / "m", "--dtype", "int8"],
                       r"dtype 'int8' is not supported", 1),
         "merge into existing": (["merge", adapter, "--base", tmp_path, "--out", tmp_path], r"already exists", 1),
+        "missing base folder": (["merge", adapter, "--base", "./no-base", "--out", tmp_path / "m"],
+                                r"no folder '\./no-base', and '\./no-base' is not a repo id", 2),
+        "missing adapter folder": (["info", "./no-adapter"],
+                                   r"no folder '\./no-adapter', and '\./no-adapter' is not a repo id", 2),
     }
     for name, (args, pattern, code) in cases.items():
         result = CliRunner().invoke(app, [str(a) for a in args])

@@ -1,4 +1,5 @@
-"""Every example in examples/ runs (shortened) and leaves a valid PEFT adapter where it says it did."""
+"""Every example in examples/ runs (shortened) and leaves a valid PEFT adapter where it says it did; the README
+shows every public name."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+import hub
+import lightning_lora
 from lightning_lora import validate_adapter
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -73,3 +76,11 @@ def test_lightning_cli_example(outputs):
     assert result.returncode == 0, result.stdout[-3000:]
     info = validate_adapter(cwd / "runs" / "cli" / "adapter" / "last")
     assert info.config.r == 8 and set(info.config.target_modules) == {"c_attn", "c_proj"}
+
+
+@pytest.mark.parametrize("package", [lightning_lora, hub], ids=["lightning_lora", "hub"])
+def test_readme_shows_every_public_name(package):
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    code = "\n".join(re.findall(r"```.*?```|`[^`\n]+`", readme, flags=re.S))  # code blocks and inline code
+    unshown = [name for name in package.__all__ if not re.search(rf"\b{re.escape(name)}\b", code)]
+    assert not unshown, f"README.md shows no {unshown} of {package.__name__}.__all__"
