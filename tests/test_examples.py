@@ -81,6 +81,6 @@ def test_lightning_cli_example(outputs):
 @pytest.mark.parametrize("package", [lightning_lora, hub], ids=["lightning_lora", "hub"])
 def test_readme_shows_every_public_name(package):
     readme = (EXAMPLES.parent / "README.md").read_text()
-    code = "\n".join(re.findall(r"```.*?```|`[^`\n]+`", readme, flags=re.S))  # code blocks and inline code
+    code = "\n".join(re.findall(r"```.*?```|`[^`\n]+`", readme, flags=re.DOTALL))  # code blocks and inline code
     unshown = [name for name in package.__all__ if not re.search(rf"\b{re.escape(name)}\b", code)]
     assert not unshown, f"README.md shows no {unshown} of {package.__name__}.__all__"
