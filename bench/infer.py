@@ -3,6 +3,8 @@
 1. Forward under `torch.inference_mode()` on a GPT-2-shaped model (6 x 768, seq 128, batch 4, r=8 all-linear):
    the base model, ours unmerged, ours after `unload` (merged, original classes) and PEFT unmerged, stepped in
    turn inside one process; medians and ratios to the base.
+   Then the same for one token (batch 1, seq 1, --token-steps rounds): what each linear layer sees in a decoding
+   step, where no large GEMM hides the adapters' per-call cost (Python, dispatch).
 2. `inject` on a deep, narrow Llama-shaped model with 1,000+ target layers (all-linear) vs PEFT's
    `get_peft_model`, and our `unload` vs PEFT's `merge_and_unload` on it; each timed on a fresh model (model
    construction not counted), median of --repeats.
@@ -41,7 +43,7 @@ def _peft(model: nn.Module) -> nn.Module:
     return peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
 
 
-def inference_rows(args: argparse.Namespace) -> list[str]:
+def inference_rows(args: argparse.Namespace, batch: int, seq: int, steps: int) -> list[str]:
     def build() -> nn.Module:
         return build_model("gpt2", args.layers, args.hidden, args.seq).eval()
 
@@ -51,20 +53,20 @@ def inference_rows(args: argparse.Namespace) -> list[str]:
     inject(merged, LoRAConfig(r=8, alpha=16, target_modules="all-linear"))
     models = {"base": build(), "ours unmerged": _trained(ours), "ours unload": unload(_trained(merged)),
               "peft unmerged": _trained(_peft(build()))}
-    ids = torch.randint(0, 50257, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 50257, (batch, seq), generator=torch.Generator().manual_seed(1))
     names = list(models)
     times: dict[str, list[float]] = {n: [] for n in names}
     clock = CLOCKS[args.clock]
     with torch.inference_mode():
-        for round_ in range(args.warmup + args.steps):
+        for round_ in range(args.warmup + steps):
             for name in names[round_ % len(names):] + names[:round_ % len(names)]:
                 start = clock()
                 models[name](input_ids=ids)
                 if round_ >= args.warmup:
                     times[name].append(clock() - start)
     med = {n: statistics.median(t) for n, t in times.items()}
-    rows = [(f"### inference: gpt2-shaped {args.layers} x {args.hidden}, seq {args.seq}, batch {args.batch}, r=8 "
-            f"all-linear, {args.threads} threads, {args.clock} clock; medians of {args.steps}"), "", "| variant | forward ms | / base |", "|---|---|---|"]
+    rows = [(f"### inference: gpt2-shaped {args.layers} x {args.hidden}, seq {seq}, batch {batch}, r=8 "
+            f"all-linear, {args.threads} threads, {args.clock} clock; medians of {steps}"), "", "| variant | forward ms | / base |", "|---|---|---|"]
     rows += [f"| {n} | {1000 * t:,.1f} | {t / med['base']:.3f} |" for n, t in med.items()]
     return rows
 
@@ -117,6 +119,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--token-steps", type=int, default=200, help="rounds of the one-token forward")
     parser.add_argument("--deep-layers", type=int, default=150, help="Llama layers for the surgery timing (x7)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
@@ -125,8 +128,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.layers, args.hidden, args.seq, args.steps, args.deep_layers, args.repeats = 2, 256, 64, 3, 150, 1
+        args.token_steps = 10
     torch.set_num_threads(args.threads)
-    print("\n".join(inference_rows(args)), end="\n\n", flush=True)
+    print("\n".join(inference_rows(args, args.batch, args.seq, args.steps)), end="\n\n", flush=True)
+    print("\n".join(inference_rows(args, 1, 1, args.token_steps)), end="\n\n", flush=True)
     print("\n".join(surgery_rows(args)))
 
 

@@ -27,6 +27,9 @@ try:  # GPT-2 style layers store their weight transposed, as [in, out].
 except ImportError:  # pragma: no cover - transformers is a dependency, but the layers don't need it
     Conv1D = ()
 
+#: Base layer types the fused linear path computes directly (a 4-bit base is another type: general path).
+_DENSE = (nn.Linear, Conv1D) if Conv1D else (nn.Linear,)
+
 
 class LoRALayer(nn.Module):
     """A frozen ``base_layer`` plus any number of named low-rank adapters.
@@ -163,7 +166,8 @@ class LoRALinear(LoRALayer):
 
     Shapes follow PEFT for both: A ``[r, in]``, B ``[out, r]``. With one active adapter and a dense base (for
     DoRA: no active dropout, no autocast), forward and backward run through `lora_linear`, which saves only what
-    the backward needs; under autocast it gets the inputs autocast would give ``F.linear``.
+    the backward needs (and in inference skips autograd); under autocast it gets the inputs autocast would give
+    ``F.linear``.
 
     DoRA (Liu et al. 2024) splits the adapted weight into a magnitude and a direction,
 
@@ -293,11 +297,11 @@ class LoRALinear(LoRALayer):
         if dtype is None:
             return super().forward(x)
         name, base = names[0], self.base_layer
-        # under autocast, the casts autocast would make for F.linear (each a no-op when the dtype is already right)
-        weight, bias = base.weight.to(dtype), None if base.bias is None else base.bias.to(dtype)
-        a, b, s = self.lora_a[name].to(dtype), self.lora_b[name].to(dtype), self.scaling[name]
+        # under autocast, the casts autocast would make for F.linear (none when the dtype is already right)
+        weight, bias = _cast(base.weight, dtype), None if base.bias is None else _cast(base.bias, dtype)
+        a, b, s = _cast(self.lora_a[name], dtype), _cast(self.lora_b[name], dtype), self.scaling[name]
         x_lora = self._dropped(x, name)
-        x, x_lora = x.to(dtype), None if x_lora is x else x_lora.to(dtype)
+        x, x_lora = _cast(x, dtype), None if x_lora is x else _cast(x_lora, dtype)
         if name not in self.lora_magnitude_vector:
             return lora_linear(x, weight, bias, a, b, s, self.fan_in_fan_out, x_lora)
         u = lora_linear(x, weight, None, a, b, s, self.fan_in_fan_out)  # (W0 + s B A) x
@@ -310,16 +314,17 @@ class LoRALinear(LoRALayer):
         adapters in fp32 or already in it (DoRA under autocast takes the general path); otherwise the one dtype
         that input, weight and adapter share. Also general: a 4-bit base, and DoRA with active dropout, whose
         ``(g - 1) W0 x'`` needs a base product of the dropped input."""
-        if type(self.base_layer) not in (nn.Linear, Conv1D):
+        base = self.base_layer
+        if type(base) not in _DENSE:
             return None
         dora = name in self.lora_magnitude_vector
-        dtypes = {x.dtype, self.base_layer.weight.dtype, self.lora_a[name].dtype}
-        if torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)
-            return dtype if not dora and dtypes <= {torch.float32, dtype} else None
+        w_dtype, a_dtype, device = base.weight.dtype, self.lora_a[name].dtype, x.device.type
+        if torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)
+            return dtype if not dora and {x.dtype, w_dtype, a_dtype} <= {torch.float32, dtype} else None
         if dora and self.training and self.dropout_p[name] > 0:
             return None
-        return x.dtype if len(dtypes) == 1 else None
+        return x.dtype if x.dtype == w_dtype == a_dtype else None
 
     def _lora_output(self, x: torch.Tensor, name: str, base_out: torch.Tensor) -> torch.Tensor:
         a, b = self.lora_a[name], self.lora_b[name]
@@ -417,18 +422,12 @@ class _LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, x_lora, weight, bias, lora_a, lora_b, scaling: float, fan_in_fan_out: bool):
-        x2 = x.reshape(-1, x.shape[-1])
-        xl2 = x2 if x_lora is None else x_lora.reshape(x2.shape)
-        w = weight if fan_in_fan_out else weight.t()  # [in, out]
-        xa = xl2 @ lora_a.t()
-        lora_bt = lora_b.t()
-        out = torch.addmm(bias, xa, lora_bt, alpha=scaling) if bias is not None else xa @ (lora_bt * scaling)
-        out.addmm_(x2, w)
+        out, x2, xl2, xa = _fused_forward(x, x_lora, weight, bias, lora_a, lora_b, scaling, fan_in_fan_out)
         need_w = ctx.needs_input_grad[2]  # only when a user unfroze the base weight
         ctx.save_for_backward(xl2, xa, weight, lora_a, lora_b, x2 if need_w else None)
         ctx.scaling, ctx.fan_in_fan_out, ctx.x_shape = scaling, fan_in_fan_out, x.shape
         ctx.shared_input = x_lora is None
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -473,6 +472,19 @@ class _LoRAProduct(torch.autograd.Function):
         return grad_x, grad_a, grad_b, None
 
 
+def _fused_forward(x, x_lora, weight, bias, lora_a, lora_b, scaling: float, fan_in_fan_out: bool):
+    """`_LoRALinearFunction`'s arithmetic: the rank-r product with the bias and the scale first, the base GEMM
+    accumulating onto it. Returns the output and, for a backward, ``x``, ``x_lora`` (as ``[T, in]``) and
+    ``x_lora A^T``."""
+    x2 = x.reshape(-1, x.shape[-1])
+    xl2 = x2 if x_lora is None else x_lora.reshape(x2.shape)
+    xa = xl2 @ lora_a.t()
+    lora_bt = lora_b.t()
+    out = torch.addmm(bias, xa, lora_bt, alpha=scaling) if bias is not None else xa @ (lora_bt * scaling)
+    out.addmm_(x2, weight if fan_in_fan_out else weight.t())
+    return out.view(*x.shape[:-1], out.shape[-1]), x2, xl2, xa
+
+
 def _lora_grads(dy, x2, xa, lora_a, lora_b, scaling: float, need_a: bool, need_b: bool):
     """``s dxa^T`` (``[r, T]``) and the gradients of A and B (or None), in the rank-major layout; `dy` is read
     by the two GEMMs back to back, while it is still in cache."""
@@ -489,9 +501,19 @@ def lora_linear(
     """The fused LoRA linear: equal to ``F.linear(x, W, bias) + s * F.linear(F.linear(x_lora, A), B)``.
 
     `weight` is ``[out, in]`` (``[in, out]`` when `fan_in_fan_out`), `lora_a` ``[r, in]``, `lora_b` ``[out, r]``;
-    `x_lora` is the LoRA branch's input (`x` after dropout), None for `x` itself.
+    `x_lora` is the LoRA branch's input (`x` after dropout), None for `x` itself. With nothing to differentiate
+    (``no_grad``, ``inference_mode``, frozen adapters) the same arithmetic runs without the autograd function.
     """
-    return _LoRALinearFunction.apply(x, x_lora, weight, bias, lora_a, lora_b, scaling, fan_in_fan_out)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, x_lora, weight, bias,
+                                                                                   lora_a, lora_b)):
+        return _LoRALinearFunction.apply(x, x_lora, weight, bias, lora_a, lora_b, scaling, fan_in_fan_out)
+    # nothing to differentiate (inference, evaluation): the same arithmetic without autograd.Function's cost
+    return _fused_forward(x, x_lora, weight, bias, lora_a, lora_b, scaling, fan_in_fan_out)[0]
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` without its dispatch when `t` already has that dtype (forward runs this ~7x per layer)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 class _ScaleOutputs(torch.autograd.Function):

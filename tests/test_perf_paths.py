@@ -90,6 +90,35 @@ def test_fast_path_taken_only_when_it_is_exact():
         assert layer._fused_dtype(x, "default") is None  # DoRA under autocast: general path
 
 
+@pytest.mark.parametrize("base", [nn.Linear(12, 20), nn.Linear(12, 20, bias=False), Conv1D(20, 12)],
+                         ids=["linear", "linear-no-bias", "conv1d"])
+def test_without_gradients_the_fused_path_skips_autograd_and_computes_the_same(base):
+    """Inference, evaluation with frozen adapters: no autograd.Function (its cost per call is most of a small
+    layer's), the same arithmetic, so the same bits as the training-time forward."""
+    torch.manual_seed(0)
+    model = nn.Sequential(base)
+    inject(model, LoRAConfig(r=4, alpha=8, target_modules=["0"]))
+    layer = model[0]
+    for p in (*base.parameters(), layer.lora_b["default"]):  # Conv1D's bias starts at zero, B too
+        nn.init.normal_(p)
+    x = torch.randn(2, 5, 12)
+    trained = layer(x)
+    assert trained.grad_fn is not None and "LoRALinearFunction" in type(trained.grad_fn).__name__
+    with torch.no_grad():
+        no_grad = layer(x)
+    with torch.inference_mode():
+        inference = layer(x)
+    layer.requires_grad_(False)
+    frozen = layer(x)
+    for out in (no_grad, inference, frozen):
+        assert out.grad_fn is None and out.shape == (2, 5, 20)
+        assert torch.equal(out, trained.detach())
+    w, b = layer.base_layer.weight, layer.base_layer.bias
+    a, b_lora = layer.lora_a["default"], layer.lora_b["default"]
+    plain = x @ (w if isinstance(base, Conv1D) else w.t()) + 2 * x @ a.t() @ b_lora.t()
+    assert torch.allclose(frozen, plain if b is None else plain + b, atol=1e-5)
+
+
 @pytest.mark.parametrize("fan_in_fan_out", [False, True])
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 def test_fused_path_under_autocast_equals_the_autocast_formula(fan_in_fan_out, dropout):
