@@ -504,8 +504,9 @@ def lora_linear(
     `x_lora` is the LoRA branch's input (`x` after dropout), None for `x` itself. With nothing to differentiate
     (``no_grad``, ``inference_mode``, frozen adapters) the same arithmetic runs without the autograd function.
     """
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, x_lora, weight, bias,
-                                                                                   lora_a, lora_b)):
+    # adapters first: in training the check stops there
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (lora_a, lora_b, x, x_lora,
+                                                                                   weight, bias)):
         return _LoRALinearFunction.apply(x, x_lora, weight, bias, lora_a, lora_b, scaling, fan_in_fan_out)
     # nothing to differentiate (inference, evaluation): the same arithmetic without autograd.Function's cost
     return _fused_forward(x, x_lora, weight, bias, lora_a, lora_b, scaling, fan_in_fan_out)[0]
