@@ -331,8 +331,8 @@ class LoRALinear(LoRALayer):
         device = x.device.type
         # autocast does not reach into an autograd.Function's backward: cast here as autocast would for F.linear
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else a.dtype
-        x = self._dropped(x, name).to(dtype)
-        lora = _LoRAProduct.apply(x, a.to(dtype), b.to(dtype), self.scaling[name])
+        x = _cast(self._dropped(x, name), dtype)
+        lora = _lora_product(x, _cast(a, dtype), _cast(b, dtype), self.scaling[name])
         if name not in self.lora_magnitude_vector:
             return lora
         # DoRA added to the base output W0 x + bias: (g - 1) W0 x' + g s B A x' (x' = x after dropout, as PEFT).
@@ -504,12 +504,23 @@ def lora_linear(
     `x_lora` is the LoRA branch's input (`x` after dropout), None for `x` itself. With nothing to differentiate
     (``no_grad``, ``inference_mode``, frozen adapters) the same arithmetic runs without the autograd function.
     """
-    # adapters first: in training the check stops there
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (lora_a, lora_b, x, x_lora,
-                                                                                   weight, bias)):
+    if _needs_grad(lora_a, lora_b, x, x_lora, weight, bias):
         return _LoRALinearFunction.apply(x, x_lora, weight, bias, lora_a, lora_b, scaling, fan_in_fan_out)
-    # nothing to differentiate (inference, evaluation): the same arithmetic without autograd.Function's cost
     return _fused_forward(x, x_lora, weight, bias, lora_a, lora_b, scaling, fan_in_fan_out)[0]
+
+
+def _lora_product(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``s (x A^T) B^T``: `_LoRAProduct`, or without anything to differentiate the same product without it."""
+    if _needs_grad(lora_a, lora_b, x):
+        return _LoRAProduct.apply(x, lora_a, lora_b, scaling)
+    return (x @ lora_a.t()) @ (lora_b.t() * scaling)
+
+
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd must see this call. When not (``no_grad``, ``inference_mode``, frozen adapters: inference
+    and evaluation) the fused functions run their arithmetic without ``autograd.Function.apply``, about 8 us per
+    call, most of a small layer's cost. Pass the adapters first: in training the check stops there."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

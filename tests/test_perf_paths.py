@@ -119,6 +119,33 @@ def test_without_gradients_the_fused_path_skips_autograd_and_computes_the_same(b
     assert torch.allclose(frozen, plain if b is None else plain + b, atol=1e-5)
 
 
+def _graph(node) -> set[str]:
+    """The names of the autograd nodes behind `node`."""
+    return {type(node).__name__}.union(*(_graph(n) for n, _ in node.next_functions if n is not None))
+
+
+@pytest.mark.parametrize("case", ["bf16 base, fp32 adapter", "two active adapters"])
+def test_without_gradients_the_general_path_skips_autograd_and_computes_the_same(case):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 20))
+    if case == "bf16 base, fp32 adapter":  # the usual inference setup: a bf16 model, an adapter loaded in fp32
+        model.bfloat16()
+    inject(model, LoRAConfig(r=4, alpha=8, target_modules=["0"]))
+    layer = model[0]
+    if case == "two active adapters":
+        inject(model, LoRAConfig(r=2, alpha=8, target_modules=["0"]), adapter_name="other")
+        layer.active_adapters = ["default", "other"]
+    for b in layer.lora_b.values():
+        nn.init.normal_(b)
+    x = torch.randn(2, 5, 12, dtype=layer.base_layer.weight.dtype)
+    assert layer._fused_dtype(x, "default") is None or len(layer.active_adapters) == 2  # the general path
+    trained = layer(x)
+    assert "_LoRAProductBackward" in _graph(trained.grad_fn)
+    with torch.inference_mode():
+        inference = layer(x)
+    assert inference.grad_fn is None and torch.equal(inference, trained.detach())
+
+
 @pytest.mark.parametrize("fan_in_fan_out", [False, True])
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 def test_fused_path_under_autocast_equals_the_autocast_formula(fan_in_fan_out, dropout):
