@@ -305,7 +305,7 @@ class LoRALinear(LoRALayer):
         if name not in self.lora_magnitude_vector:
             return lora_linear(x, weight, bias, a, b, s, self.fan_in_fan_out, x_lora)
         u = lora_linear(x, weight, None, a, b, s, self.fan_in_fan_out)  # (W0 + s B A) x
-        return _ScaleOutputs.apply(u, self.dora_scale(name), bias)
+        return _scale_outputs(u, self.dora_scale(name), bias)
 
     def _fused_dtype(self, x: torch.Tensor, name: str) -> torch.dtype | None:
         """The dtype `lora_linear` runs adapter `name` in, or None where the general path must run.
@@ -516,6 +516,13 @@ def _lora_product(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, s
     return (x @ lora_a.t()) @ (lora_b.t() * scaling)
 
 
+def _scale_outputs(u: torch.Tensor, g: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``u * g + bias``: `_ScaleOutputs`, or without anything to differentiate the same arithmetic without it."""
+    if _needs_grad(g, u, bias):
+        return _ScaleOutputs.apply(u, g, bias)
+    return torch.addcmul(bias, u, g) if bias is not None else u * g
+
+
 def _needs_grad(*tensors: torch.Tensor | None) -> bool:
     """Whether autograd must see this call. When not (``no_grad``, ``inference_mode``, frozen adapters: inference
     and evaluation) the fused functions run their arithmetic without ``autograd.Function.apply``, about 8 us per
@@ -536,7 +543,7 @@ class _ScaleOutputs(torch.autograd.Function):
     def forward(ctx, u, g, bias):
         ctx.save_for_backward(u, g)
         ctx.has_bias = bias is not None
-        return torch.addcmul(bias, u, g) if bias is not None else u * g
+        return _scale_outputs(u, g, bias)  # autograd is off in here: the arithmetic alone
 
     @staticmethod
     def backward(ctx, grad_out):

@@ -67,6 +67,30 @@ def test_dropout_on_the_fused_path_compiles_without_graph_breaks():
     assert all(g.abs().sum() > 0 for n, g in grads.items() if "lora_B" in n)  # B starts at 0, so dA = 0
 
 
+def test_dora_compiles_without_graph_breaks_same_output_and_grads():
+    def dora() -> nn.Module:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(12, 20), nn.ReLU(), Conv1D(6, 20))
+        inject(model, LoRAConfig(r=4, alpha=8, target_modules=["0", "2"], use_dora=True))
+        for _, layer in lora_layers(model):
+            nn.init.normal_(layer.lora_b["default"])
+        return model
+
+    x = torch.randn(3, 12)
+    eager, compiled_model = dora(), dora()
+    explanation = torch._dynamo.explain(compiled_model)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    want, got = eager(x), torch.compile(compiled_model, fullgraph=True, backend="aot_eager")(x)
+    want.sum().backward()
+    got.sum().backward()
+    assert torch.allclose(got, want, atol=1e-6)
+    eager_grads = {n: p.grad for n, p in eager.named_parameters() if p.requires_grad}
+    assert len(eager_grads) == 6  # A, B and the magnitude of both layers
+    for name, param in compiled_model.named_parameters():
+        if param.requires_grad:
+            assert torch.allclose(param.grad, eager_grads[name], atol=1e-5), name
+
+
 def test_fast_path_taken_only_when_it_is_exact():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8))
@@ -124,13 +148,15 @@ def _graph(node) -> set[str]:
     return {type(node).__name__}.union(*(_graph(n) for n, _ in node.next_functions if n is not None))
 
 
-@pytest.mark.parametrize("case", ["bf16 base, fp32 adapter", "two active adapters"])
-def test_without_gradients_the_general_path_skips_autograd_and_computes_the_same(case):
+@pytest.mark.parametrize(("case", "node"), [("bf16 base, fp32 adapter", "_LoRAProductBackward"),
+                                            ("two active adapters", "_LoRAProductBackward"),
+                                            ("DoRA", "_ScaleOutputsBackward")])
+def test_without_gradients_the_other_functions_skip_autograd_and_compute_the_same(case, node):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 20))
     if case == "bf16 base, fp32 adapter":  # the usual inference setup: a bf16 model, an adapter loaded in fp32
         model.bfloat16()
-    inject(model, LoRAConfig(r=4, alpha=8, target_modules=["0"]))
+    inject(model, LoRAConfig(r=4, alpha=8, target_modules=["0"], use_dora=case == "DoRA"))
     layer = model[0]
     if case == "two active adapters":
         inject(model, LoRAConfig(r=2, alpha=8, target_modules=["0"]), adapter_name="other")
@@ -138,9 +164,8 @@ def test_without_gradients_the_general_path_skips_autograd_and_computes_the_same
     for b in layer.lora_b.values():
         nn.init.normal_(b)
     x = torch.randn(2, 5, 12, dtype=layer.base_layer.weight.dtype)
-    assert layer._fused_dtype(x, "default") is None or len(layer.active_adapters) == 2  # the general path
     trained = layer(x)
-    assert "_LoRAProductBackward" in _graph(trained.grad_fn)
+    assert node in _graph(trained.grad_fn)
     with torch.inference_mode():
         inference = layer(x)
     assert inference.grad_fn is None and torch.equal(inference, trained.detach())
