@@ -513,7 +513,7 @@ def _lora_product(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, s
     """``s (x A^T) B^T``: `_LoRAProduct`, or without anything to differentiate the same product without it."""
     if _needs_grad(lora_a, lora_b, x):
         return _LoRAProduct.apply(x, lora_a, lora_b, scaling)
-    return (x @ lora_a.t()) @ (lora_b.t() * scaling)
+    return (x @ lora_a.t()) @ (lora_b.t() * scaling)  # the function's GEMMs; matmul folds x's leading dims
 
 
 def _scale_outputs(u: torch.Tensor, g: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
