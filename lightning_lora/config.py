@@ -42,6 +42,12 @@ _PEFT_KEYS = (
     "lora_dropout", "target_modules", "exclude_modules", "bias", "modules_to_save", "fan_in_fan_out",
     "use_rslora", "use_dora", "init_lora_weights", "rank_pattern", "alpha_pattern",
 )
+#: PEFT options that change what a trained adapter computes and that we do not implement: refused on load.
+_UNSUPPORTED = (
+    "layers_to_transform", "layer_replication", "use_qalora", "lora_bias", "target_parameters",
+    "trainable_token_indices", "alora_invocation_tokens", "use_bdlora", "arrow_config", "kasa_config",
+    "monteclora_config",
+)
 _INIT_TO_PEFT = {"kaiming": True, "gaussian": "gaussian"}
 Bias = Literal["none", "all", "lora_only"]
 Init = Literal["kaiming", "gaussian"]
@@ -70,11 +76,13 @@ class LoRAConfig:
         exclude_modules: names or a regex, matched like ``target_modules``, removed from the targets.
         bias: which biases train: ``"none"``, ``"all"``, or ``"lora_only"`` (those of adapted layers).
         modules_to_save: names of whole modules kept trainable and saved with the adapter (e.g. a new
-            classifier head), matched like ``target_modules``.
+            classifier head); a module is selected when its path ends with a name (PEFT's rule: plain string
+            suffix, so ``"classifier"`` also selects ``pre_classifier``).
         use_rslora: rank-stabilised scaling ``alpha / sqrt(r)`` (Kalajdzievski 2023).
         use_dora: weight-decomposed LoRA (Liu et al. 2024): a trainable magnitude per output feature.
         init: ``"kaiming"`` (A kaiming-uniform, as the paper's code) or ``"gaussian"`` (A ~ N(0, 1/r)).
-        rank_pattern: per-module rank overrides, ``{name or regex: r}``, matched like ``target_modules``.
+        rank_pattern: per-module rank overrides, ``{name or regex: r}``; the first key that matches the end of
+            a module's path at a dot (as a regex: ``"q_proj"``, ``"self_attn.(q|v)_proj"``) applies (PEFT's rule).
         alpha_pattern: per-module alpha overrides, likewise.
         fan_in_fan_out: the base weights are stored ``[in, out]`` (GPT-2's Conv1D); set automatically.
         quantize: ``"nf4"`` quantizes the frozen base weights of adapted layers (QLoRA).
@@ -199,13 +207,10 @@ class LoRAConfig:
         for key in ("base_model_name_or_path", "task_type", "revision"):
             if not isinstance(data.get(key), (str, type(None))):
                 raise ConfigError(f"{key} must be a string or null, got {data[key]!r}")
-        unsupported = {
-            k: data[k]
-            for k in ("layers_to_transform", "layer_replication", "use_qalora", "lora_bias", "target_parameters")
-            if data.get(k) not in (None, False, [], {})
-        }
+        unsupported = {k: data[k] for k in _UNSUPPORTED if data.get(k) not in (None, False, [], {})}
         if unsupported:
-            raise ConfigError(f"unsupported PEFT options in adapter_config.json: {unsupported}")
+            raise ConfigError(f"unsupported PEFT options in adapter_config.json: {unsupported} (they change what "
+                              f"the adapter computes, and lightning-lora implements plain LoRA, rsLoRA and DoRA)")
         return cls(
             r=data.get("r", 8),
             alpha=data.get("lora_alpha", 8),
@@ -226,13 +231,20 @@ class LoRAConfig:
 
 
 def matches(spec: list[str] | str | None, path: str) -> bool:
-    """Whether module `path` is selected by `spec`: a list of exact paths or dotted suffixes, or a regex
-    string matched against the whole path. The one place that decides target matching."""
+    """Whether module `path` is selected by `spec` (``target_modules``, ``exclude_modules``): a list of exact
+    paths or dotted suffixes, or a regex string matched against the whole path. PEFT's rule."""
     if spec is None:
         return False
     if isinstance(spec, str):
         return re.fullmatch(spec, path) is not None
     return any(path == name or path.endswith("." + name) for name in spec)
+
+
+def is_saved_module(modules_to_save: list[str] | None, path: str) -> bool:
+    """Whether module `path` is one of `modules_to_save`. PEFT's rule, which differs from `matches`: the path
+    ends with the name as a plain string, so ``"classifier"`` also selects DistilBERT's ``pre_classifier``;
+    an adapter saved under another rule would not load in PEFT."""
+    return bool(path) and any(path.endswith(name) for name in modules_to_save or ())
 
 
 def _flag(data: dict[str, Any], key: str) -> bool:
@@ -244,9 +256,10 @@ def _flag(data: dict[str, Any], key: str) -> bool:
 
 
 def _pattern_lookup(pattern: dict[str, Any], path: str, default: Any) -> Any:
-    # PEFT's rule: a key matches as a dotted suffix, or as a regex over the whole path.
+    # PEFT's rule (`peft.utils.other.get_pattern_key`): the first key that, as a regex, matches a dotted
+    # suffix of the path: "q_proj", "self_attn.(q|v)_proj" and whole paths alike.
     for key, value in pattern.items():
-        if path == key or path.endswith("." + key) or re.fullmatch(key, path):
+        if re.match(rf"(.*\.)?({key})$", path):
             return value
     return default
 

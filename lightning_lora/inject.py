@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from .config import DEFAULT_TARGETS, ConfigError, LoRAConfig, matches
+from .config import DEFAULT_TARGETS, ConfigError, LoRAConfig, is_saved_module, matches
 from .layers import LoRALayer, LoRALinear, lora_class_for
 from .summary import LoRASummary, summarize
 
@@ -53,11 +53,19 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
     all_linear = spec == "all-linear"
     head = _output_head(model) if all_linear else None
     inside_lora = [p + "." for p, _ in lora_layers(model)]
+    saved = [p for p, _ in model.named_modules() if is_saved_module(config.modules_to_save, p)]
+    if config.modules_to_save and not saved:
+        raise ConfigError(
+            f"modules_to_save={config.modules_to_save!r} matches no module of {type(model).__name__} (a module is "
+            f"saved when its path ends with a name); module names: {_leaf_names(model)[:40]}"
+        )
+    # modules_to_save are trained and saved whole, so nothing inside them is wrapped (as PEFT)
+    skip = inside_lora + [p + "." for p in saved]
     targets = []
     for path, module in model.named_modules():
-        if not path or any(path.startswith(p) for p in inside_lora):
+        if not path or path in saved or any(path.startswith(p) for p in skip):
             continue
-        if matches(config.exclude_modules, path) or matches(config.modules_to_save, path):
+        if matches(config.exclude_modules, path):
             continue
         if all_linear:
             if module is head or lora_class_for(module) is not LoRALinear and not isinstance(module, LoRALinear):
@@ -65,11 +73,11 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
         elif not matches(spec, path):
             continue
         if not isinstance(module, LoRALayer) and lora_class_for(module) is None:
+            inner = _candidate_names(module)[:8]
             raise ConfigError(
                 f"target {path!r} is a {type(module).__name__}, which LoRA cannot wrap (supported: Linear, "
                 f"Conv1D, Embedding, Conv1d/2d/3d with groups=1 and padding_mode='zeros'); exclude it "
-                f"(exclude_modules) or name its linear sub-layers instead, e.g. "
-                f"{_candidate_names(module)[:8]}"
+                f"(exclude_modules)" + (f" or name its linear sub-layers instead, e.g. {inner}" if inner else "")
             )
         targets.append(path)
     if not targets:
@@ -100,6 +108,7 @@ def inject(
                 f"or choose another adapter_name"
             )
         return summarize(model)
+    _check_beside(registry, config, adapter_name)
     targets = find_targets(model, config)
     if any(isinstance(m, LoRALayer) and m.merged_adapters for _, m in lora_layers(model)):
         raise RuntimeError("the model has merged adapters; unmerge(model) before injecting another adapter")
@@ -124,8 +133,11 @@ def inject(
 
 
 def set_adapter(model: nn.Module, adapter_name: str) -> None:
-    """Make `adapter_name` the active adapter: used in forward and the only one that trains."""
+    """Make `adapter_name` the active adapter: used in forward and the only one that trains. Raises while an
+    adapter is merged (the merged one would stay in the weights)."""
     config = _config(model, adapter_name)
+    if any(layer.merged_adapters for _, layer in lora_layers(model)):
+        raise RuntimeError("adapters are merged into the base weights; unmerge(model) before switching adapters")
     for param in model.parameters():
         param.requires_grad_(False)
     for _, layer in lora_layers(model):
@@ -154,8 +166,10 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
-    """Remove adapter `adapter_name`; layers left with no adapter are replaced by their base layer."""
+    """Remove adapter `adapter_name`; layers left with no adapter are replaced by their base layer. If it was
+    the active adapter, the most recently injected remaining one becomes active."""
     _config(model, adapter_name)
+    was_active = any(adapter_name in layer.active_adapters for _, layer in lora_layers(model))
     for path, layer in list(lora_layers(model)):
         if adapter_name in layer.lora_a:
             layer.delete_adapter(adapter_name)
@@ -163,7 +177,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
                 _replace(model, path, layer.base_layer)
     del model._lora_configs[adapter_name]
     remaining = list(model._lora_configs)
-    if remaining:
+    if remaining and was_active:
         set_adapter(model, remaining[-1])
 
 
@@ -200,7 +214,7 @@ def extra_trainable(model: nn.Module, config: LoRAConfig) -> dict[str, nn.Parame
     out = {}
     for path, module in model.named_modules():
         prefix = path + "." if path else ""
-        if path and matches(config.modules_to_save, path):
+        if is_saved_module(config.modules_to_save, path):
             out.update({prefix + n: p for n, p in module.named_parameters()})
         bias = module._parameters.get("bias")
         if bias is None:
@@ -246,6 +260,19 @@ def _config(model: nn.Module, adapter_name: str) -> LoRAConfig:
     return registry[adapter_name]
 
 
+def _check_beside(registry: dict[str, LoRAConfig], config: LoRAConfig, adapter_name: str) -> None:
+    """Refuse a second named adapter when either side trains modules_to_save or biases: those live in the model
+    itself, shared by every adapter, so one adapter's would silently overwrite the other's."""
+    own = [name for name, c in registry.items() if c.modules_to_save or c.bias != "none"]
+    if registry and (config.modules_to_save or config.bias != "none" or own):
+        holder = f"adapter {own[0]!r}" if own else f"adapter {adapter_name!r}"
+        raise ConfigError(
+            f"cannot add adapter {adapter_name!r} beside {list(registry)}: {holder} trains modules_to_save or "
+            f"biases, which are the model's own modules and would be shared by every named adapter; use a "
+            f"separate copy of the model per adapter, or bias='none' and no modules_to_save"
+        )
+
+
 def _check_dora_targets(model: nn.Module, targets: list[str]) -> None:
     for path in targets:
         module = model.get_submodule(path)
@@ -264,6 +291,11 @@ def _check_name(adapter_name: str) -> None:
 def _output_head(model: nn.Module) -> nn.Module | None:
     get = getattr(model, "get_output_embeddings", None)
     return get() if callable(get) else None
+
+
+def _leaf_names(model: nn.Module) -> list[str]:
+    """Distinct last segments of `model`'s module paths, for error messages."""
+    return sorted({p.rsplit(".", 1)[-1] for p, _ in model.named_modules() if p})
 
 
 def _candidate_names(model: nn.Module) -> list[str]:

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import ConfigError, LoRAConfig
+from .config import ConfigError, LoRAConfig, is_saved_module
 from .inject import adapter_configs, extra_trainable, find_targets, inject, lora_layers, resolve_config
 from .layers import LoRALayer, lora_class_for
 
@@ -143,7 +143,7 @@ def save_adapter(
         raise KeyError(f"no adapter named {adapter_name!r} to save; the model has {list(registry) or 'none'}")
     config = registry[adapter_name]
     base_model = base_model or config.base_model or _name_or_path(model)
-    config = config.replace(base_model=base_model, task_type=config.task_type or task_type(model))
+    config = config.replace(base_model=base_model, task_type=config.task_type or task_type(model, config.modules_to_save))
     if config.target_modules == "all-linear":  # write what was matched, so every PEFT version reads it alike
         leaves = {path.rsplit(".", 1)[-1] for path, layer in lora_layers(model) if adapter_name in layer.lora_a}
         config = config.replace(target_modules=sorted(leaves))
@@ -320,8 +320,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     except ConfigError as err:
         raise AdapterError(f"{directory / CONFIG_NAME} does not fit this model: {err}") from None
     existing = adapter_configs(model).get(adapter_name)
-    if existing is not None and existing.replace(fan_in_fan_out=config.fan_in_fan_out, base_model=None) != \
-            config.replace(base_model=None):
+    if existing is not None and not _same_adapter(model, existing, config):
         raise AdapterError(f"the model already has an adapter {adapter_name!r} with another config; choose another "
                            f"adapter_name or delete_adapter it first")
     if existing is not None:
@@ -342,19 +341,39 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
 
 
 #: PEFT's task type for a transformers head class, by class-name suffix: loaders pick the head from it.
+#: The heads PEFT's task classes add to modules_to_save (peft_model.py: PeftModelForSequenceClassification, ...).
+_PEFT_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"], "QUESTION_ANS": ["qa_outputs"]}
 _TASK_BY_SUFFIX = {"ForCausalLM": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS",
                    "ForTokenClassification": "TOKEN_CLS", "ForQuestionAnswering": "QUESTION_ANS",
                    "ForSeq2SeqLM": "SEQ_2_SEQ_LM"}
 
 
-def task_type(model: nn.Module) -> str | None:
+def task_type(model: nn.Module, modules_to_save: list[str] | None) -> str | None:
     """PEFT's ``task_type`` for a transformers model (``"SEQ_CLS"`` for ``BertForSequenceClassification``),
-    None for a bare encoder or a model that is not from transformers."""
+    None for a bare encoder or a model that is not from transformers.
+
+    Also None when `modules_to_save` leaves out the task's head: PEFT's model class for that task adds the head
+    to ``modules_to_save`` and then cannot load an adapter without its weights, while the plain ``PeftModel``
+    that None selects keeps the base model's head."""
     name = type(model).__name__
-    return next((task for suffix, task in _TASK_BY_SUFFIX.items() if name.endswith(suffix)), None)
+    task = next((task for suffix, task in _TASK_BY_SUFFIX.items() if name.endswith(suffix)), None)
+    heads = [p for p, _ in model.named_modules() if is_saved_module(_PEFT_HEADS.get(task), p)]
+    return None if any(not is_saved_module(modules_to_save, p) for p in heads) else task
 
 
 # -- helpers -----------------------------------------------------------------------------------------------
+def _same_adapter(model: nn.Module, a: LoRAConfig, b: LoRAConfig) -> bool:
+    """Whether configs `a` and `b` adapt `model` alike: the same layers with the same rank and scale, and the same
+    DoRA, dropout, bias and modules_to_save. How they spell it (``"all-linear"`` or the matched names, pattern
+    keys), the base model's name, the task type and how the base is stored (4-bit, ``fan_in_fan_out``) may differ."""
+    targets = find_targets(model, a)
+    if targets != find_targets(model, b):
+        return False
+    same = (a.use_dora, a.dropout, a.bias, a.modules_to_save or []) == (b.use_dora, b.dropout, b.bias,
+                                                                         b.modules_to_save or [])
+    return same and all((a.rank_for(p), a.scaling(p)) == (b.rank_for(p), b.scaling(p)) for p in targets)
+
+
 def _key(param_name: str) -> str:
     return PREFIX + _strip(param_name)
 

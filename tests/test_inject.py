@@ -129,6 +129,10 @@ def test_no_match_lists_candidates():
         inject(model, LoRAConfig(target_modules=r".*nothing"))
     with pytest.raises(ConfigError, match="GPT2Attention, which LoRA cannot wrap.*c_attn"):
         inject(model, LoRAConfig(target_modules=["attn"]))
+    with pytest.raises(ConfigError, match=r"'transformer.h.0.ln_1' is a LayerNorm, .*\(exclude_modules\)$"):
+        inject(model, LoRAConfig(target_modules=["ln_1"]))
+    with pytest.raises(ConfigError, match=r"modules_to_save=\['classifer'\] matches no module .*'lm_head'"):
+        inject(model, LoRAConfig(target_modules=["c_attn"], modules_to_save=["classifer"]))
     assert not list(lora_layers(model)) and list(state_snapshot(model)) == list(before)
 
 
@@ -210,6 +214,11 @@ def test_multiple_adapters():
     assert torch.allclose(model_output(model, batch), out_default, **TOL)
     with pytest.raises(KeyError, match="no adapter named 'nope'; the model has \\['default', 'other'\\]"):
         set_adapter(model, "nope")
+    inject(model, config.replace(r=3), adapter_name="third")
+    set_adapter(model, "default")
+    delete_adapter(model, "third")  # not the active one: "default" stays active and the only one training
+    assert torch.allclose(model_output(model, batch), out_default, **TOL)
+    assert all(n.endswith(".default") for n, p in model.named_parameters() if p.requires_grad)
 
     delete_adapter(model, "default")
     assert torch.allclose(model_output(model, batch), out_other, **TOL)
@@ -230,6 +239,8 @@ def test_merge_twice_refused_and_merged_model_guards():
         pass
     with pytest.raises(RuntimeError, match="unmerge\\(model\\) before injecting"):
         inject(model, CASES["llama"][2].replace(r=2), adapter_name="second")
+    with pytest.raises(RuntimeError, match="unmerge\\(model\\) before switching adapters"):
+        set_adapter(model, "default")
 
 
 def test_invalid_adapter_name():
@@ -276,3 +287,44 @@ def test_unwrappable_conv_target_refused_model_unchanged(conv):
     assert not list(lora_layers(model)) and not getattr(model, "_lora_configs", None)
     inject(model, LoRAConfig(r=2, target_modules=["conv_in", "conv_mid"], exclude_modules=["conv_mid"]))
     assert [p for p, _ in lora_layers(model)] == ["conv_in"]
+
+
+def test_named_adapters_refused_when_modules_to_save_or_biases_train():
+    """modules_to_save and biases are the model's own modules: a second named adapter would overwrite them."""
+    model = tiny_bert_classifier()
+    inject(model, CASES["bert"][2])
+    before = state_snapshot(model)
+    with pytest.raises(ConfigError, match=r"cannot add adapter 'b' beside \['default'\]: adapter 'default' trains "
+                                          r"modules_to_save or biases"):
+        inject(model, LoRAConfig(r=2, target_modules=["query"]), adapter_name="b")
+    assert_same_state(model, before)
+    model = tiny_gpt2()
+    inject(model, CASES["gpt2"][2])
+    with pytest.raises(ConfigError, match="adapter 'b' trains modules_to_save or biases"):
+        inject(model, CASES["gpt2"][2].replace(bias="all"), adapter_name="b")
+    inject(model, CASES["gpt2"][2].replace(r=2), adapter_name="b")  # plain LoRA adapters sit side by side
+    assert list(dict(lora_layers(model))["transformer.h.0.attn.c_attn"].lora_a) == ["default", "b"]
+
+
+def test_nothing_inside_modules_to_save_is_wrapped(adapter_path):
+    """RoBERTa's classifier head holds `dense` and `out_proj`: saved whole, so its `dense` is not a target."""
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    from lightning_lora import load_adapter, save_adapter
+
+    def build():
+        torch.manual_seed(0)
+        config = RobertaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                               intermediate_size=64, max_position_embeddings=40, num_labels=2)
+        return RobertaForSequenceClassification(config).eval()
+
+    model, batch = build(), token_batch()
+    inject(model, LoRAConfig(r=2, target_modules=["query", "dense"], modules_to_save=["classifier"]))
+    paths = [p for p, _ in lora_layers(model)]
+    assert "roberta.encoder.layer.0.attention.output.dense" in paths
+    assert not any(p.startswith("classifier.") for p in paths)
+    train_steps(model, batch)
+    save_adapter(model, adapter_path)
+    fresh = build()
+    load_adapter(fresh, adapter_path)
+    assert torch.allclose(model_output(fresh, batch), model_output(model, batch), **TOL)

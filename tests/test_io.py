@@ -130,6 +130,25 @@ def test_load_into_existing_adapter_overwrites_values(adapter_path):
     assert torch.equal(model_output(fresh, batch), model_output(model, batch))
 
 
+def test_load_into_existing_adapter_spelled_otherwise(adapter_path):
+    """Saved from the config the model was injected with, the file differs only in spelling: the matched names
+    for "all-linear", a task type (CAUSAL_LM for Llama), the base model's name. It loads; another alpha (same
+    shapes, another scale) does not."""
+    model, batch = tiny_llama(), token_batch()
+    config = LoRAConfig(r=2, alpha=4, target_modules="all-linear")
+    inject(model, config)
+    train_steps(model, batch)
+    save_adapter(model, adapter_path, base_model="tiny/llama")
+    fresh = tiny_llama()
+    inject(fresh, config)
+    load_adapter(fresh, adapter_path)
+    assert torch.equal(model_output(fresh, batch), model_output(model, batch))
+    other = tiny_llama()
+    inject(other, config.replace(alpha=8))
+    with pytest.raises(AdapterError, match="already has an adapter 'default' with another config"):
+        load_adapter(other, adapter_path)
+
+
 def test_load_refuses_other_config_for_existing_adapter(adapter_path):
     model, _ = _trained_gpt2()
     save_adapter(model, adapter_path)

@@ -10,8 +10,19 @@ import torch
 from helpers import model_output, tiny_bert_classifier, tiny_gpt2, tiny_llama, token_batch, train_steps
 
 from lightning_lora import LoRAConfig, inject, load_adapter, lora_layers, save_adapter
+from lightning_lora.io import read_config
 
 peft = pytest.importorskip("peft")
+
+def tiny_distilbert_classifier(seed: int = 0) -> torch.nn.Module:
+    """DistilBertForSequenceClassification: a `pre_classifier` and a `classifier` head."""
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = DistilBertConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=32,
+                              num_labels=3, dropout=0.0, attention_dropout=0.0, seq_classif_dropout=0.0)
+    return DistilBertForSequenceClassification(config).eval()
+
 
 CASES = {
     "gpt2-conv1d": (tiny_gpt2, {"r": 4, "alpha": 8, "target_modules": ["c_attn"]}),
@@ -20,7 +31,28 @@ CASES = {
                                                "alpha_pattern": {"down_proj": 3}}),
     "bert-modules-to-save": (tiny_bert_classifier, {"r": 2, "alpha": 4, "target_modules": ["query", "value"],
                                                         "modules_to_save": ["classifier"], "task_type": "SEQ_CLS"}),
+    # PEFT's pattern rule: a regex key matching the end of the path at a dot, not the whole path
+    "llama-regex-patterns": (tiny_llama, {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "o_proj"],
+                                              "rank_pattern": {"layers.1.self_attn.(q|o)_proj": 2},
+                                              "alpha_pattern": {"self_attn.(q|v)_proj": 32}}),
+    # PEFT's modules_to_save rule: "classifier" also selects DistilBERT's pre_classifier
+    "distilbert-modules-to-save": (tiny_distilbert_classifier, {"r": 2, "alpha": 4, "target_modules": ["q_lin"],
+                                                                    "modules_to_save": ["classifier"],
+                                                                    "task_type": "SEQ_CLS"}),
+    # a classifier whose head is not saved: exported without PEFT's SEQ_CLS (which would demand the head)
+    "bert-head-not-saved": (tiny_bert_classifier, {"r": 2, "alpha": 4, "target_modules": ["query", "value"]}),
 }
+
+
+def test_distilbert_saves_both_heads_and_an_unsaved_head_drops_the_task(adapter_path):
+    model = tiny_distilbert_classifier()
+    inject(model, LoRAConfig(r=2, target_modules=["q_lin"], modules_to_save=["classifier"]))
+    assert {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n} == \
+        {"pre_classifier", "classifier"}
+    assert read_config(save_adapter(model, adapter_path / "heads")).task_type == "SEQ_CLS"
+    model = tiny_bert_classifier()
+    inject(model, LoRAConfig(r=2, target_modules=["query"]))
+    assert read_config(save_adapter(model, adapter_path / "no-head")).task_type is None
 
 
 def _peft_config(fields: dict) -> peft.LoraConfig:
@@ -56,7 +88,9 @@ def test_peft_saved_loads_in_ours(case, adapter_path):
     peft_model = peft.get_peft_model(build(), _peft_config(fields))
     if fields.get("modules_to_save"):
         with torch.no_grad():
-            peft_model.base_model.model.classifier.modules_to_save["default"].weight.normal_()
+            for module in peft_model.modules():
+                if isinstance(module, peft.utils.ModulesToSaveWrapper):
+                    module.modules_to_save["default"].weight.normal_()
     peft_model.eval()
     theirs = model_output(peft_model, batch)
     peft_model.save_pretrained(adapter_path)
