@@ -7,9 +7,17 @@ import warnings
 
 import pytest
 import torch
-from helpers import model_output, tiny_bert_classifier, tiny_gpt2, tiny_llama, token_batch, train_steps
+from helpers import (
+    model_output,
+    tiny_bert_classifier,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_t5,
+    token_batch,
+    train_steps,
+)
 
-from lightning_lora import LoRAConfig, inject, load_adapter, lora_layers, save_adapter
+from lightning_lora import LoRAConfig, inject, load_adapter, lora_layers, save_adapter, summarize
 
 peft = pytest.importorskip("peft")
 
@@ -69,3 +77,27 @@ def test_peft_saved_loads_in_ours(case, adapter_path):
         assert ranks["model.layers.1.self_attn.q_proj"] == 2 and ranks["model.layers.0.self_attn.q_proj"] == 4
     assert not torch.allclose(theirs, model_output(build(), batch), atol=1e-3)
     assert torch.allclose(model_output(model, batch), theirs, atol=1e-5, rtol=0)
+
+
+def test_t5_all_linear_peft_adapter_runs_and_trains_in_ours(adapter_path):
+    """T5's feed-forward reads ``self.wo.weight.dtype`` in forward: the wrapped ``wo`` exposes its base weight."""
+    batch = token_batch() | {"decoder_input_ids": token_batch(seed=2)["input_ids"]}
+    peft_model = peft.get_peft_model(tiny_t5(), peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                               init_lora_weights=False)).eval()
+    theirs = model_output(peft_model, batch)
+    peft_model.save_pretrained(adapter_path)
+
+    model = tiny_t5()
+    base_total = sum(p.numel() for p in model.parameters())
+    load_adapter(model, adapter_path)
+    wo = model.decoder.block[1].layer[2].DenseReluDense.wo
+    assert wo.weight is wo.base_layer.weight and wo.bias is None
+    assert not torch.allclose(theirs, model_output(tiny_t5(), batch), atol=1e-3), "the adapter must matter"
+    assert torch.allclose(model_output(model, batch), theirs, atol=1e-5, rtol=0)
+    summary = summarize(model)  # the base weights, reachable twice now, are still counted once
+    assert summary.total == base_total + summary.trainable
+    assert len(list(lora_layers(model))) == 2 * (4 + 2) + 2 * (4 + 4 + 2)  # (cross-)attention and FFN, no lm_head
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    train_steps(model, batch, steps=1)  # forward and backward through every adapted layer, wo included
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
+
