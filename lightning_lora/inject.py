@@ -231,7 +231,7 @@ def _check_not_shared(model: nn.Module) -> None:
     for name, param in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(param), []).append(name)
     for path, layer in lora_layers(model):
-        names = owners.get(id(layer.base_weight), [])
+        names = owners.get(id(layer.weight), [])
         if len(names) > 1 and layer.active_adapters and not layer.merged_adapters:
             raise RuntimeError(
                 f"{path}.base_layer.weight is shared with {', '.join(n for n in names if not n.startswith(path + '.'))}"

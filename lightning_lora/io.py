@@ -28,8 +28,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import quant
 from .config import ConfigError, LoRAConfig, is_saved_module
-from .inject import adapter_configs, extra_trainable, find_targets, inject, lora_layers, resolve_config
+from .inject import (
+    _output_head,
+    adapter_configs,
+    extra_trainable,
+    find_targets,
+    inject,
+    lora_layers,
+    resolve_config,
+)
 from .layers import LoRALayer, lora_class_for
 
 CONFIG_NAME = "adapter_config.json"
@@ -309,6 +318,10 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     All-or-nothing: every key, shape, dtype and value is checked against the model before it changes, and
     any missing, unexpected or mis-shaped key, a different base (fingerprint), a non-finite value or a
     corrupt file raises AdapterError naming it, with the model untouched.
+
+    As in PEFT, the full base weight of a targeted embedding layer or output head (``<path>.base_layer.weight``,
+    which PEFT's default ``save_embedding_layers="auto"`` saves beside the LoRA tensors) is loaded into that
+    base layer.
     """
     directory = Path(directory)
     if adapter_name != "default" and (directory / adapter_name / CONFIG_NAME).is_file():
@@ -317,6 +330,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     try:
         config = resolve_config(model, info.config)
         expected = _expected_shapes(model, config)
+        embedding_bases = _embedding_bases(model, find_targets(model, config))
     except ConfigError as err:
         raise AdapterError(f"{directory / CONFIG_NAME} does not fit this model: {err}") from None
     existing = adapter_configs(model).get(adapter_name)
@@ -325,7 +339,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
                            f"adapter_name or delete_adapter it first")
     if existing is not None:
         expected = {k: tuple(v.shape) for k, v in adapter_state_dict(model, adapter_name).items()}
-    _check_keys(directory, expected, info.shapes)
+    _check_keys(directory, expected, info.shapes, embedding_bases)
     if existing is None:
         want = info.metadata.get(META + "fingerprint")
         if want and want != _fingerprint((p, _probe(model, p)) for p in find_targets(model, config)):
@@ -333,7 +347,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     tensors = _load_tensors(_weights_path(directory))
     if existing is None:
         inject(model, config, adapter_name)
-    targets = adapter_state_dict(model, adapter_name)
+    targets = adapter_state_dict(model, adapter_name) | {k: m.weight for k, m in embedding_bases.items()}
     with torch.no_grad():
         for key, tensor in tensors.items():
             targets[key].copy_(tensor)
@@ -445,6 +459,19 @@ def _expected_shapes(model: nn.Module, config: LoRAConfig) -> dict[str, tuple[in
     return out
 
 
+def _embedding_bases(model: nn.Module, targets: list[str]) -> dict[str, nn.Module]:
+    """The base layers whose full weight PEFT may save beside an adapter with these `targets`, by that weight's
+    key: each targeted Embedding and the targeted output head (PEFT saves the input and output embeddings)."""
+    head = _output_head(model)
+    out = {}
+    for path in targets:
+        module = model.get_submodule(path)
+        base = module.base_layer if isinstance(module, LoRALayer) else module
+        if isinstance(base, nn.Embedding) or module is head:
+            out[_key(f"{path}.base_layer.weight")] = base
+    return out
+
+
 def _fingerprint(layers: Iterator[tuple[str, LoRALayer]]) -> str:
     entries = []
     for path, layer in layers:
@@ -453,9 +480,13 @@ def _fingerprint(layers: Iterator[tuple[str, LoRALayer]]) -> str:
     return hashlib.sha256(json.dumps(sorted(entries)).encode()).hexdigest()
 
 
-def _check_keys(directory: Path, expected: dict[str, tuple], found: dict[str, tuple]) -> None:
+def _check_keys(
+    directory: Path, expected: dict[str, tuple], found: dict[str, tuple], embedding_bases: dict[str, nn.Module]
+) -> None:
+    """`found` (key -> shape) must hold exactly the `expected` keys and shapes, and may hold the full weights of
+    `embedding_bases` in their shapes; those are checked first, so that a resized vocabulary gets its own advice."""
     missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
+    unexpected = sorted(set(found) - set(expected) - set(embedding_bases))
     if missing or unexpected:
         parts = []
         if missing:
@@ -464,6 +495,16 @@ def _check_keys(directory: Path, expected: dict[str, tuple], found: dict[str, tu
             parts.append(f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
                          f"{_hint(unexpected[0])}")
         raise AdapterError(f"{directory / WEIGHTS_NAME} does not fit this model: {'; '.join(parts)}")
+    for key in sorted(embedding_bases.keys() & found.keys()):
+        base, shape = embedding_bases[key], list(found[key])
+        if quant.is_quantized(base):
+            raise AdapterError(f"{directory / WEIGHTS_NAME}: {key} is a full base weight (PEFT saves it with a "
+                               f"targeted embedding layer), which cannot be loaded into this 4-bit base layer; load "
+                               f"the adapter into a full-precision base")
+        if shape != list(base.weight.shape):
+            raise AdapterError(f"{directory / WEIGHTS_NAME}: {key} has shape {shape}, the model's base weight "
+                               f"{list(base.weight.shape)}; if the adapter was trained on a resized vocabulary, call "
+                               f"model.resize_token_embeddings({shape[0]}) on the base first")
     for key, shape in expected.items():
         if tuple(found[key]) != tuple(shape):
             raise AdapterError(f"{directory / WEIGHTS_NAME}: {key} has shape {list(found[key])}, the model "

@@ -64,8 +64,16 @@ class LoRALayer(nn.Module):
         return getattr(self, self.B_NAME)
 
     @property
-    def base_weight(self) -> torch.Tensor:
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight (a 4-bit base: its quantized parameter), read-only, as PEFT's layers have it:
+        transformers reads it through the module it built (T5's ``wo.weight.dtype``, ViT's ``projection.weight``,
+        ``get_input_embeddings().weight``). A property, not a parameter: state dicts and counts hold it once."""
         return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The base layer's bias, read-only (see `weight`)."""
+        return self.base_layer.bias
 
     def add_adapter(
         self, name: str, r: int, scaling: float, dropout: float = 0.0, init: str = "kaiming", use_dora: bool = False
@@ -75,7 +83,7 @@ class LoRALayer(nn.Module):
             raise ValueError(f"DoRA supports Linear and Conv1D layers only, not {type(self.base_layer).__name__}; "
                              f"exclude this module from target_modules")
         shape_a, shape_b = self._shapes(r)
-        weight = self.base_weight
+        weight = self.weight
         dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
         a = torch.empty(shape_a, dtype=dtype, device=weight.device)
         b = torch.empty(shape_b, dtype=dtype, device=weight.device)
@@ -120,11 +128,11 @@ class LoRALayer(nn.Module):
             self._unmerge_one(self.merged_adapters.pop())
 
     def _merge_one(self, name: str) -> None:
-        weight = self.base_weight
+        weight = self.weight
         weight.add_(self.delta_weight(name).to(weight.dtype))
 
     def _unmerge_one(self, name: str) -> None:
-        weight = self.base_weight
+        weight = self.weight
         weight.sub_(self.delta_weight(name).to(weight.dtype))
 
     def delta_weight(self, name: str) -> torch.Tensor:
@@ -280,14 +288,14 @@ class LoRALinear(LoRALayer):
             return super()._merge_one(name)
         g = self.dora_scale(name).float()  # from the unmerged weight, as forward computes it
         self._dora_merged_scale[name] = g
-        weight = self.base_weight
+        weight = self.weight
         weight.add_(self.delta_weight(name).to(weight.dtype)).mul_(self._per_output(g).to(weight.dtype))
 
     def _unmerge_one(self, name: str) -> None:
         if name not in self.lora_magnitude_vector:
             return super()._unmerge_one(name)
         g = self._dora_merged_scale.pop(name)
-        weight = self.base_weight
+        weight = self.weight
         weight.div_(self._per_output(g).to(weight.dtype)).sub_(self.delta_weight(name).to(weight.dtype))
 
     # -- forward --------------------------------------------------------------------------------------------

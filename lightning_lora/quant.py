@@ -82,6 +82,9 @@ def is_quantized(module: nn.Module) -> bool:
 
 def quantize(linear_layer: nn.Module, backend: str, compute_dtype: torch.dtype = torch.float32) -> nn.Linear:
     """A frozen NF4 copy of `linear_layer` (``nn.Linear`` or ``Conv1D``); its bias object is kept as is."""
+    problem = _unquantizable(linear_layer, backend)
+    if problem:
+        raise ValueError(f"cannot quantize this {type(linear_layer).__name__} with {backend}: {problem}")
     weight = linear_layer.weight.detach()
     weight = weight.t() if not isinstance(linear_layer, nn.Linear) else weight  # Conv1D stores [in, out]
     weight = weight.to(compute_dtype).contiguous()
@@ -193,23 +196,23 @@ def weight_nbytes(module: nn.Module) -> int:
 
 def quantize_targets(model: nn.Module, targets: Iterable[str], config: LoRAConfig) -> None:
     """Replace each target of `model` (in place) by its NF4 version (``config.quant_backend``,
-    ``config.compute_dtype``). Layers already in 4-bit (e.g. loaded with ``BitsAndBytesConfig``) are kept."""
+    ``config.compute_dtype``). Layers already in 4-bit (e.g. loaded with ``BitsAndBytesConfig``) are kept.
+    All-or-nothing: every target is checked before the first is replaced (quantizing rounds irreversibly)."""
     from .inject import _replace
 
     backend = resolve_backend(config.quant_backend)
     dtype = getattr(torch, config.compute_dtype)
+    to_quantize = []
     for path in targets:
         module = model.get_submodule(path)
         if is_quantized(module) or hasattr(module, "base_layer"):
             continue
-        if not isinstance(module, nn.Linear) and type(module).__name__ != "Conv1D":
-            raise ConfigError(f"quantize='nf4' applies to linear targets only, but {path!r} is a "
-                              f"{type(module).__name__}; exclude it from target_modules or set quantize=None")
-        try:
-            new = quantize(module, backend, dtype)
-        except ValueError as err:
-            raise ConfigError(f"cannot quantize {path!r} with {backend}: {err}") from None
-        _replace(model, path, new)
+        problem = _unquantizable(module, backend)
+        if problem:
+            raise ConfigError(f"cannot quantize {path!r} with {backend}: {problem}")
+        to_quantize.append(path)
+    for path in to_quantize:  # paths, not modules: each dense layer is freed as soon as it is replaced
+        _replace(model, path, quantize(model.get_submodule(path), backend, dtype))
 
 
 def _torchao_nf4():
@@ -223,14 +226,22 @@ def _torchao_nf4():
 
 
 def _to_nf4(weight: torch.Tensor) -> torch.Tensor:
-    n = weight.numel()
-    if n % _BLOCK:
-        raise ValueError(f"torchao NF4 needs a weight size divisible by {_BLOCK}, got {tuple(weight.shape)}")
     # Second-level blocks of 256 absmaxes, or the largest power of two dividing their count (tiny layers).
-    blocks, scaler_block = n // _BLOCK, _SCALER_BLOCK
+    blocks, scaler_block = weight.numel() // _BLOCK, _SCALER_BLOCK
     while blocks % scaler_block:
         scaler_block //= 2
     return _torchao_nf4()[0](weight, _BLOCK, scaler_block)
+
+
+def _unquantizable(module: nn.Module, backend: str) -> str | None:
+    """Why `quantize` cannot take `module` with `backend`, and what to do instead; None when it can."""
+    if not isinstance(module, nn.Linear) and type(module).__name__ != "Conv1D":
+        return (f"it is a {type(module).__name__} and NF4 applies to linear layers only; exclude it from "
+                f"target_modules or set quantize=None")
+    if backend == "torchao" and module.weight.numel() % _BLOCK:
+        return (f"torchao NF4 needs a weight size divisible by {_BLOCK}, got {tuple(module.weight.shape)}; exclude "
+                f"it (exclude_modules) or use quant_backend='bnb', which has no such limit")
+    return None
 
 
 def _is_bnb(module: nn.Module) -> bool:

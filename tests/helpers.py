@@ -40,6 +40,17 @@ def tiny_bert_classifier(seed: int = 0, hidden: int = 32, layers: int = 2, num_l
     return BertForSequenceClassification(config).eval()
 
 
+def tiny_t5(seed: int = 0, d_model: int = 32, layers: int = 2) -> nn.Module:
+    """T5ForConditionalGeneration, whose feed-forward reads `wo.weight.dtype` in forward (a wrapped `wo` must
+    still have a `.weight`). Inputs need `decoder_input_ids` beside `input_ids`."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=64, d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=layers, num_heads=4,
+                      decoder_start_token_id=0, dropout_rate=0.0)
+    return T5ForConditionalGeneration(config).eval()
+
+
 class SmallConvNet(nn.Module):
     """A diffusion-UNet-like stack: Conv2d, Conv1d over rows, a Linear head."""
 

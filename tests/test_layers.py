@@ -217,3 +217,24 @@ def test_merge_unmerge_round_trip_and_double_merge_refused():
     layer.unmerge()
     assert torch.allclose(layer.base_layer.weight, original, atol=1e-6)
     assert torch.allclose(layer(x), want, **TOL)
+
+
+def test_wrapped_layers_expose_the_base_weight_and_bias():
+    """transformers reads ``.weight`` of modules we wrap (``get_input_embeddings().weight``, T5's
+    ``wo.weight.dtype``, ViT's ``projection.weight``): as in PEFT it is the base layer's, read-only, and the
+    parameters are still counted once."""
+    from helpers import tiny_gpt2
+
+    model = tiny_gpt2()
+    total = sum(p.numel() for p in model.parameters())
+    summary = inject(model, LoRAConfig(r=4, target_modules=["wte", "c_attn"]))
+    wte, c_attn = model.transformer.wte, model.transformer.h[0].attn.c_attn
+    assert isinstance(wte, LoRAEmbedding) and model.get_input_embeddings() is wte
+    assert model.get_input_embeddings().weight is wte.base_layer.weight is model.lm_head.weight  # still tied
+    assert c_attn.weight is c_attn.base_layer.weight and c_attn.bias is c_attn.base_layer.bias
+    assert summary.total == total + summary.trainable
+    assert sum(p.numel() for p in model.parameters()) == summary.total
+    conv = LoRAConv(nn.Conv2d(3, 4, 2))
+    assert conv.weight is conv.base_layer.weight and conv.bias is conv.base_layer.bias
+    with pytest.raises(AttributeError, match="has no setter"):
+        wte.weight = torch.zeros(64, 32)

@@ -7,9 +7,28 @@ import warnings
 
 import pytest
 import torch
-from helpers import model_output, tiny_bert_classifier, tiny_gpt2, tiny_llama, token_batch, train_steps
+from helpers import (
+    assert_same_state,
+    model_output,
+    state_snapshot,
+    tiny_bert_classifier,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_t5,
+    token_batch,
+    train_steps,
+)
+from safetensors import safe_open
 
-from lightning_lora import LoRAConfig, inject, load_adapter, lora_layers, save_adapter
+from lightning_lora import (
+    AdapterError,
+    LoRAConfig,
+    inject,
+    load_adapter,
+    lora_layers,
+    save_adapter,
+    summarize,
+)
 from lightning_lora.io import read_config
 
 peft = pytest.importorskip("peft")
@@ -103,3 +122,84 @@ def test_peft_saved_loads_in_ours(case, adapter_path):
         assert ranks["model.layers.1.self_attn.q_proj"] == 2 and ranks["model.layers.0.self_attn.q_proj"] == 4
     assert not torch.allclose(theirs, model_output(build(), batch), atol=1e-3)
     assert torch.allclose(model_output(model, batch), theirs, atol=1e-5, rtol=0)
+
+
+def test_t5_all_linear_peft_adapter_runs_and_trains_in_ours(adapter_path):
+    """T5's feed-forward reads ``self.wo.weight.dtype`` in forward: the wrapped ``wo`` exposes its base weight."""
+    batch = token_batch() | {"decoder_input_ids": token_batch(seed=2)["input_ids"]}
+    peft_model = peft.get_peft_model(tiny_t5(), peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                               init_lora_weights=False)).eval()
+    theirs = model_output(peft_model, batch)
+    peft_model.save_pretrained(adapter_path)
+
+    model = tiny_t5()
+    base_total = sum(p.numel() for p in model.parameters())
+    load_adapter(model, adapter_path)
+    wo = model.decoder.block[1].layer[2].DenseReluDense.wo
+    assert wo.weight is wo.base_layer.weight and wo.bias is None
+    assert not torch.allclose(theirs, model_output(tiny_t5(), batch), atol=1e-3), "the adapter must matter"
+    assert torch.allclose(model_output(model, batch), theirs, atol=1e-5, rtol=0)
+    summary = summarize(model)  # the base weights, reachable twice now, are still counted once
+    assert summary.total == base_total + summary.trainable
+    assert len(list(lora_layers(model))) == 2 * (4 + 2) + 2 * (4 + 4 + 2)  # (cross-)attention and FFN, no lm_head
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    train_steps(model, batch, steps=1)  # forward and backward through every adapted layer, wo included
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
+
+
+EMBEDDING_TARGETS = {"embed_tokens": "model.embed_tokens", "lm_head": "lm_head"}
+
+
+@pytest.mark.parametrize("target", list(EMBEDDING_TARGETS))
+def test_peft_saved_embedding_base_weight_loads(target, adapter_path):
+    """With an embedding layer targeted, PEFT's default ``save_embedding_layers="auto"`` also stores that layer's
+    full base weight; as PEFT does, loading puts it into the base layer."""
+    path, batch = EMBEDDING_TARGETS[target], token_batch()
+    peft_model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=[target, "q_proj"],
+                                                                  init_lora_weights=False)).eval()
+    with torch.no_grad():  # a base weight that differs from the fresh model's: it must travel with the adapter
+        peft_model.base_model.model.get_submodule(path).base_layer.weight.mul_(1.5)
+    theirs = model_output(peft_model, batch)
+    with pytest.warns(UserWarning, match="save_embedding_layers"):
+        peft_model.save_pretrained(adapter_path)
+    with safe_open(adapter_path / "adapter_model.safetensors", "pt") as f:
+        assert f"base_model.model.{path}.base_layer.weight" in f.keys()  # noqa: SIM118 (safe_open is not iterable)
+
+    model = tiny_llama()
+    load_adapter(model, adapter_path)
+    assert torch.allclose(model_output(model, batch), theirs, atol=1e-5, rtol=0)
+    assert torch.equal(model.get_submodule(path).weight, peft_model.base_model.model.get_submodule(path).weight)
+
+
+def test_peft_saved_embedding_of_a_resized_vocabulary_needs_a_resized_base(adapter_path):
+    base = tiny_llama()
+    base.resize_token_embeddings(72)
+    peft_model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["embed_tokens"]))
+    with pytest.warns(UserWarning, match="save_embedding_layers"):
+        peft_model.save_pretrained(adapter_path)
+
+    model = tiny_llama()
+    before = state_snapshot(model)
+    with pytest.raises(AdapterError, match=r"embed_tokens.base_layer.weight .*\[72, 32\].*\[64, 32\].*"
+                                           r"model.resize_token_embeddings\(72\)"):
+        load_adapter(model, adapter_path)
+    assert_same_state(model, before)
+    model.resize_token_embeddings(72)  # what the message says: then it loads
+    load_adapter(model, adapter_path)
+    assert torch.equal(model.model.embed_tokens.weight, base.model.embed_tokens.weight)
+
+
+def test_peft_saved_embedding_base_weight_refused_on_a_4bit_base(adapter_path):
+    from lightning_lora import quant
+
+    if not quant.available_backends():
+        pytest.skip("no NF4 backend installed")
+    peft_model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["lm_head"]))
+    with pytest.warns(UserWarning, match="save_embedding_layers"):
+        peft_model.save_pretrained(adapter_path)
+    model = tiny_llama()
+    quant.quantize_model(model, LoRAConfig(target_modules=["lm_head"], quantize="nf4"))
+    before = state_snapshot(model)
+    with pytest.raises(AdapterError, match=r"lm_head.base_layer.weight.*4-bit.*full-precision base"):
+        load_adapter(model, adapter_path)
+    assert_same_state(model, before)

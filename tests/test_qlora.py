@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import model_output, tiny_llama, token_batch
+from helpers import assert_same_state, model_output, state_snapshot, tiny_llama, token_batch
 from torch import nn
 
 from lightning_lora import ConfigError, LoRAConfig, LoRALayer, inject, load_adapter, quant, save_adapter
@@ -173,6 +173,18 @@ def test_bnb_cpu_repacking_is_undone_before_dequantize():
                                                                                          q.weight.quant_state)
     assert q.weight.quant_state.packing_format_for_cpu
     assert torch.allclose(quant.dequantize(q), want, atol=2e-2 * want.abs().max().item())  # bf16 absmax
+
+
+def test_unquantizable_target_changes_nothing():
+    """Every target is checked before any is replaced: an error on a later one leaves the earlier ones dense."""
+    if "torchao" not in quant.available_backends():
+        pytest.skip("torchao is not installed")
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(30, 2))  # 2 x 30 weights: not a multiple of 64
+    before = state_snapshot(model)
+    with pytest.raises(ConfigError, match=r"'2'.*divisible by 64, got \(2, 30\).*exclude_modules.*quant_backend='bnb'"):
+        inject(model, LoRAConfig(r=2, target_modules=["0", "2"], quantize="nf4", quant_backend="torchao"))
+    assert [type(m) for m in model] == [nn.Linear, nn.ReLU, nn.Linear]
+    assert_same_state(model, before)
 
 
 def test_config_fields_validated_and_kept_out_of_peft_config():
