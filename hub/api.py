@@ -27,7 +27,15 @@ from huggingface_hub import errors as hf_errors
 from huggingface_hub.file_download import repo_folder_name
 
 from lightning_lora.card import render_card
-from lightning_lora.io import CARD_NAME, AdapterError, AdapterInfo, atomic_write, validate_adapter
+from lightning_lora.io import (
+    CARD_NAME,
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    AdapterError,
+    AdapterInfo,
+    atomic_write,
+    validate_adapter,
+)
 
 from .errors import (
     AuthError,
@@ -131,9 +139,19 @@ def push(
 
 
 def _operations(api: HfApi, repo_id: str, head: str | None, directory: Path, card: str) -> list:
-    """Add every top-level file of the adapter folder and the card; delete what the last version had beyond."""
+    """Add every top-level file of the adapter folder and the card; delete what the last version had beyond.
+
+    Symlinks to files are followed, as huggingface_hub's own upload does: the folder `pull` returns is a cache
+    snapshot whose files are links into its blobs (`validate_adapter` has already checked where the adapter's
+    own files point). A commit never lacks the adapter's two files: InvalidAdapter if they are not among what
+    would be uploaded (removed since validation, or named in another case on a case-insensitive disk).
+    """
     files = sorted(p for p in directory.iterdir()
-                   if p.is_file() and not p.is_symlink() and not p.name.startswith(".") and p.name != CARD_NAME)
+                   if p.is_file() and not p.name.startswith(".") and p.name != CARD_NAME)
+    missing = sorted({CONFIG_NAME, WEIGHTS_NAME} - {p.name for p in files})
+    if missing:
+        raise InvalidAdapter(f"invalid adapter: {directory} has no file named exactly {' or '.join(missing)} to "
+                             f"upload (removed or renamed since it was validated?); nothing was pushed")
     ops: list = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p)) for p in files]
     ops.append(CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=card.encode("utf-8")))
     keep = {op.path_in_repo for op in ops} | {".gitattributes"}

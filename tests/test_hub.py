@@ -110,6 +110,16 @@ def test_existing_version_is_never_overwritten(hub_server, two_versions, tmp_pat
     assert _same_files(pulled, two_versions["1.0.0"])
 
 
+def test_push_follows_symlinked_files(hub_server, two_versions, tmp_path, repo_id):
+    """The folder `pull` returns is a cache snapshot whose files are symlinks into blobs/: pushing it publishes
+    the files' contents, as huggingface_hub's own upload does."""
+    snapshot = hub.pull(f"{repo_id}@1.0.0", endpoint=hub_server.url)
+    assert all((snapshot / f).is_symlink() for f in FILES)
+    copy = repo_id + "-copy"
+    hub.push(snapshot, copy, endpoint=hub_server.url)
+    assert _same_files(hub.pull(f"{copy}@1.0.0", endpoint=hub_server.url), two_versions["1.0.0"])
+
+
 def test_invalid_adapter_is_refused_before_sending(hub_server, tmp_path, repo_id):
     saved_adapter(tmp_path / "bad")
     (tmp_path / "bad" / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 0}')
