@@ -164,6 +164,21 @@ def test_auth(hub_token, tmp_path, capfd):
     assert HUB_TOKEN not in out.out + out.err and "POST /api/repos/create 401" in out.err
 
 
+def test_settings_change_only_what_the_body_names(hub_server):
+    api = HfApi(endpoint=hub_server.url)
+    api.create_repo(REPO, private=True)
+    api.update_repo_settings(REPO, gated="auto")  # names no visibility: the repo stays private
+    assert api.model_info(REPO).private
+    api.update_repo_settings(REPO, private=False)
+    api.update_repo_settings(REPO, gated=False)
+    assert not api.model_info(REPO).private
+    api.update_repo_settings(REPO, visibility="private")
+    assert api.model_info(REPO).private
+    status, _, body = _raw(hub_server, "PUT", f"/api/models/{REPO}/settings", {"visibility": "secret"})
+    assert status == 400 and "visibility 'secret'" in json.loads(body)["error"]
+    assert api.model_info(REPO).private
+
+
 def _raw(server, method: str, path: str, body: bytes | dict | None = None, token: str | None = None):
     host, port = server.url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=10)

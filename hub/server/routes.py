@@ -91,15 +91,21 @@ def _repo_from_body(req: Request, body: dict) -> tuple[str, str]:
     return rtype, check_repo_id(namespace, name)
 
 
-def _private(body: dict) -> bool:
-    """Clients send ``visibility`` ("private"/"public"), older ones ``private``. Public by default."""
-    return body.get("visibility", "private" if body.get("private") else "public") == "private"
+def _private(body: dict) -> bool | None:
+    """Whether the body asks for a private repo: clients send ``visibility`` ("private"/"public"), older ones
+    ``private``; None when it names neither (create: public, as on the Hub; settings: left as it is)."""
+    visibility = body.get("visibility")
+    if visibility is None:
+        return None if body.get("private") is None else bool(body["private"])
+    if visibility not in ("private", "public"):
+        raise HubError(400, f"unknown visibility {str(visibility)[:40]!r}: use 'private' or 'public'")
+    return visibility == "private"
 
 
 def create_repo(req: Request) -> None:
     req.require_write()
     rtype, repo_id = _repo_from_body(req, body := req.json_body())
-    private = _private(body)
+    private = bool(_private(body))
     url = _repo_url(req, rtype, repo_id)
     try:
         req.hub.store.create(rtype, repo_id, private=private, author=req.hub.user)
@@ -117,11 +123,13 @@ def delete_repo(req: Request) -> None:
 
 
 def repo_settings(req: Request, rtype: str, repo_id: str) -> None:
+    """Only visibility is a setting here (gating and the rest are accepted and ignored); it changes only when
+    the body names it."""
     repo = req.write_repo(rtype, repo_id)
-    body = req.json_body()
-    private = _private(body)
-    repo.set_private(private)
-    req.send_json({"private": private})
+    private = _private(req.json_body())
+    if private is not None:
+        repo.set_private(private)
+    req.send_json({"private": repo.meta["private"]})
 
 
 def repo_info(req: Request, rtype: str, repo_id: str, revision: str = "main") -> None:
