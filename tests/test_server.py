@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import HUB_TOKEN
 from helpers import point_hf_client
-from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+from huggingface_hub import CommitOperationDelete, HfApi, hf_hub_download, snapshot_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError
 
 from hub.server import serve
@@ -177,6 +177,23 @@ def test_settings_change_only_what_the_body_names(hub_server):
     status, _, body = _raw(hub_server, "PUT", f"/api/models/{REPO}/settings", {"visibility": "secret"})
     assert status == 400 and "visibility 'secret'" in json.loads(body)["error"]
     assert api.model_info(REPO).private
+
+
+def test_delete_folders(hub_server):
+    """A trailing '/' marks a folder (`CommitOperationDelete("dir/")`), as on the Hub; traversal stays refused."""
+    api = HfApi(endpoint=hub_server.url)
+    api.create_repo(REPO)
+    for path in ("a/x.txt", "a/deep/y.txt", "b/z.txt", "c/w.txt", "keep.txt"):
+        api.upload_file(path_or_fileobj=path.encode(), path_in_repo=path, repo_id=REPO)
+    api.create_commit(REPO, [CommitOperationDelete("a/")], commit_message="rm a/")
+    api.delete_folder("b", REPO)
+    assert sorted(api.list_repo_files(REPO)) == [".gitattributes", "c/w.txt", "keep.txt"]
+    for path in ("../", "c//", "/c/", "c/../"):
+        payload = _ndjson({"key": "header", "value": {"summary": "evil"}},
+                          {"key": "deletedFolder", "value": {"path": path}})
+        status, _, body = _raw(hub_server, "POST", f"/api/models/{REPO}/commit/main", payload)
+        assert status == 400 and "invalid file path" in json.loads(body)["error"], (path, body)
+    assert sorted(api.list_repo_files(REPO)) == [".gitattributes", "c/w.txt", "keep.txt"]
 
 
 def _raw(server, method: str, path: str, body: bytes | dict | None = None, token: str | None = None):

@@ -398,7 +398,9 @@ def commit(req: Request, rtype: str, repo_id: str, revision: str) -> None:
         if key == "header":
             header = value
             continue
-        path = check_path(str(value.get("path", "")))
+        path = str(value.get("path", ""))
+        # a folder's path may end with '/', the client's mark of a folder; the checks apply to the rest
+        path = check_path(path.removesuffix("/") if key == "deletedFolder" else path)
         if key == "file":
             try:
                 data = base64.b64decode(value.get("content", ""), validate=True)

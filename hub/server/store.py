@@ -291,7 +291,7 @@ class Repo:
                         404, f"cannot delete {path!r}: no such file on {branch!r}", "EntryNotFound"
                     )
             for folder in deleted_folders:
-                prefix = folder.rstrip("/") + "/"
+                prefix = folder + "/"
                 gone = [p for p in files if p.startswith(prefix)]
                 if not gone:
                     raise HubError(
