@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ import huggingface_hub
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 from huggingface_hub import errors as hf_errors
 from huggingface_hub.file_download import repo_folder_name
+from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
 from lightning_lora.card import render_card
 from lightning_lora.io import (
@@ -55,6 +57,9 @@ from .versions import FIRST, Range, Version, check_repo_id, from_tags, parse_spe
 _BASE_LINE = "base_model: "
 _CHUNK = 1 << 20
 _DATE = "%Y-%m-%d %H:%M"
+# how hf_xet words an HTTP error answer (a ConnectionError): "... HTTP status client error (400 Bad Request),
+# domain: <url>"
+_XET_HTTP_ERROR = re.compile(r"HTTP status (?:client|server) error \(\d{3}[^)]*\), domain: (\S+)")
 
 
 @dataclass(frozen=True)
@@ -371,10 +376,26 @@ def _translate(api: HfApi, repo_id: str) -> Iterator[None]:
     except HubError:
         raise
     except Exception as err:  # mapped below, re-raised when unknown
-        mapped = _map_error(err, api.endpoint, repo_id)
+        mapped = _map_error(_xet_answer(api, err), api.endpoint, repo_id)
         if mapped is None:
             raise
         raise type(mapped)(_scrub(str(mapped), api.token)) from None
+
+
+def _xet_answer(api: HfApi, err: Exception) -> Exception:
+    """hf_xet reports an HTTP error answer as a ConnectionError that names the URL but not what the server
+    said (a server that does not speak Xet answers its token request 400, saying to set HF_HUB_DISABLE_XET=1).
+    For such an error from the endpoint, ask that URL again: the error it gives carries the server's message
+    and maps like any other, and a server gone since stays Unreachable. `err` otherwise."""
+    answered = _XET_HTTP_ERROR.search(str(err)) if isinstance(err, ConnectionError) else None
+    if answered is None or not answered[1].startswith(api.endpoint.rstrip("/") + "/"):  # the token goes nowhere else
+        return err
+    try:
+        hf_raise_for_status(get_session().get(answered[1], headers=build_hf_headers(token=api.token),
+                                              timeout=huggingface_hub.constants.HF_HUB_ETAG_TIMEOUT))
+    except Exception as again:  # noqa: BLE001 - the caller maps it
+        return again
+    return err
 
 
 def _map_error(err: Exception, where: str, repo_id: str) -> HubError | None:
@@ -399,6 +420,8 @@ def _map_error(err: Exception, where: str, repo_id: str) -> HubError | None:
             return HubError(f"{repo_id} changed while pushing (another push landed first); nothing was changed: "
                             f"push again")
         return HubError(f"{where} answered HTTP {status} for {repo_id}: {_hf_message(err)}")
+    if isinstance(err, ConnectionError) and _XET_HTTP_ERROR.search(str(err)):
+        return HubError(f"the Xet transfer for {repo_id} got an HTTP error answer: {_one_line(str(err))}")
     if isinstance(err, (httpx2.TransportError, ConnectionError)):
         return Unreachable(f"cannot reach {where} ({type(err).__name__}); is `lora-hub serve` running? set "
                            f"--endpoint or HF_ENDPOINT")

@@ -163,6 +163,20 @@ def test_lfs_upload_path_verifies_sha256(tmp_path, repo_id, monkeypatch):
     assert _same_files(pulled, tmp_path / "adapter")
 
 
+def test_xet_client_against_lfs_server_is_told_to_disable_xet(tmp_path, repo_id, monkeypatch):
+    """hf_xet reports the server's refusal as a ConnectionError: the push must say what the server said, not
+    that it cannot be reached."""
+    from helpers import point_hf_client
+
+    saved_adapter(tmp_path / "adapter")
+    with hub.serve(tmp_path / "root", lfs_threshold=1024) as server:
+        point_hf_client(monkeypatch, server.url, tmp_path / "hf", xet=True)
+        with pytest.raises(hub.HubError, match=r"answered HTTP 400 for me/.*: this server does not speak Xet; "
+                                               r"upload with HF_HUB_DISABLE_XET=1") as err:
+            hub.push(tmp_path / "adapter", repo_id, endpoint=server.url)
+    assert not isinstance(err.value, hub.Unreachable)
+
+
 def test_merge_output_equals_adapter_output(hub_server, tmp_path, repo_id):
     model = saved_adapter(tmp_path / "adapter", seed=3)
     tiny_gpt2(seed=3).save_pretrained(tmp_path / "base")
