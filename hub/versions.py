@@ -27,10 +27,12 @@ _NUM = r"(0|[1-9]\d{0,8})"
 _VERSION = re.compile(rf"v?{_NUM}\.{_NUM}\.{_NUM}")
 _PART = r"(?:0|[1-9]\d{0,8}|[xX*])"
 _PARTIAL = re.compile(rf"(?P<op>[~^]?)v?(?P<major>0|[1-9]\d{{0,8}})(?:\.(?P<minor>{_PART})(?:\.(?P<patch>{_PART}))?)?")
-#: One part of a repo id (namespace or name), the Hub's rule: 1-96 letters, digits, '.', '_', '-', starting and
-#: ending with a letter or digit. The server (`hub.server.names`) checks with this same pattern.
-REPO_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
-_REPO_ID = re.compile(rf"{REPO_PART}/{REPO_PART}")
+#: The rule for one part of a repo id (namespace or name): huggingface_hub's `validate_repo_id` (``--``, ``..``
+#: and a ``.git`` ending refused), a little stricter at the ends. The server (`hub.server.names`) checks names
+#: with `is_repo_part` too, so it refuses what the client refuses.
+REPO_PART_RULE = ("1-96 letters, digits, '.', '_' or '-', starting and ending with a letter or digit, without "
+                  "'--' or '..', not ending in '.git'")
+_REPO_PART = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?")
 
 
 @dataclass(frozen=True, order=True)
@@ -126,10 +128,16 @@ def parse_spec(spec: str) -> tuple[str, Range]:
     return check_repo_id(repo_id), Range.parse(wanted)
 
 
+def is_repo_part(part: str) -> bool:
+    """Whether `part` is a valid namespace or repo name (`REPO_PART_RULE`)."""
+    return bool(_REPO_PART.fullmatch(part)) and "--" not in part and ".." not in part and not part.endswith(".git")
+
+
 def check_repo_id(repo_id: str) -> str:
-    """`repo_id` if it is ``namespace/name`` in the Hub's alphabet; BadSpec otherwise."""
-    if not isinstance(repo_id, str) or not _REPO_ID.fullmatch(repo_id) or ".." in repo_id or "--" in repo_id:
-        raise BadSpec(f"{repo_id!r} is not a repo id: use namespace/name (letters, digits, '.', '_', '-')")
+    """`repo_id` if it is ``namespace/name``, each part valid (`REPO_PART_RULE`); BadSpec otherwise."""
+    namespace, slash, name = repo_id.partition("/") if isinstance(repo_id, str) else ("", "", "")
+    if not (slash and is_repo_part(namespace) and is_repo_part(name)):
+        raise BadSpec(f"{repo_id!r} is not a repo id: use namespace/name, each {REPO_PART_RULE}")
     return repo_id
 
 

@@ -77,6 +77,7 @@ def test_error_paths(hub_server, published, tmp_path):
                         r"cannot reach http://127\.0\.0\.1:9 .* set --endpoint or HF_ENDPOINT", 1),
         "bad spec": (["pull", f"{repo}@^1.x"], r"'\^1\.x' is not a version or range", 2),
         "bad repo id": (["versions", "../etc"], r"'\.\./etc' is not a repo id", 2),
+        "repo id ending in .git": (["pull", "me/adapter.git@1.0.0"], r"'me/adapter\.git' is not a repo id", 2),
         "bad version": (["push", adapter, repo, "--version", "one"], r"'one' is not a version", 2),
         "bad dtype": (["merge", adapter, "--base", tmp_path, "--out", tmp_path / "m", "--dtype", "int8"],
                       r"dtype 'int8' is not supported", 1),

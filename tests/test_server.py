@@ -369,15 +369,21 @@ def test_server_refuses_what_the_client_refuses():
     import subprocess
     import sys
 
+    from huggingface_hub.utils import validate_repo_id
+
     from hub.server.names import InvalidName, check_name, check_path
     from hub.versions import check_repo_id
 
-    for name in ("name_", "name-", "_name", "a--b", "a..b", "x" * 97):
+    for name in ("name_", "name-", "_name", "a--b", "a..b", "x" * 97, "a.git", "a.b.git"):
         with pytest.raises(InvalidName):
             check_name(name)
         with pytest.raises(Exception, match="is not a repo id"):
             check_repo_id(f"team/{name}")
-    assert check_name("a.b_c-1") == "a.b_c-1"
+        with pytest.raises(Exception, match="is not a repo id"):
+            check_repo_id(f"{name}/x")
+    for name in ("a.b_c-1", "x" * 96, "a.gitx", "git", "a-git"):  # accepted by all three
+        assert check_name(name) == name and check_repo_id(f"{name}/{name}") == f"{name}/{name}"
+        validate_repo_id(f"{name}/{name}")
     for path in ("a/.git/config", "a/.git", ".git"):
         with pytest.raises(InvalidName, match="invalid file path"):
             check_path(path)

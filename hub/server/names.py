@@ -1,6 +1,6 @@
 """What the server accepts as a repo id, a revision and a file path, checked before anything touches disk.
 
-Names follow the Hub's rules (letters, digits, ``-``, ``_``, ``.``; no ``--`` or ``..``); revisions are git
+Names follow the client's rule (`hub.versions.REPO_PART_RULE`: the Hub's, no ``.git`` ending); revisions are git
 ref names or 40-hex commit ids; file paths are relative POSIX paths without empty, ``.``, ``..`` or ``.git``
 segments. Every check raises `InvalidName` with a message that names the offending value and the rule, so the
 HTTP layer can answer 400 with it. Nothing here touches the file system: the store maps accepted names to
@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import re
 
-from ..versions import REPO_PART
+from ..versions import REPO_PART_RULE, is_repo_part
 
 REPO_TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
 URL_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
 
-# the client's rule (hub.versions), so the server refuses what the client refuses
-_NAME = re.compile(REPO_PART)
 _REF = re.compile(r"[A-Za-z0-9._/-]{1,200}")
 COMMIT_ID = re.compile(r"[0-9a-f]{40}")
 MAX_PATH = 1000
@@ -28,12 +26,9 @@ class InvalidName(ValueError):
 
 
 def check_name(part: str, what: str = "repo name") -> str:
-    if not _NAME.fullmatch(part or "") or "--" in part or ".." in part or part.endswith(".git"):
-        shown = repr(part[:100])
-        raise InvalidName(
-            f"invalid {what} {shown}: use 1-96 letters, digits, '-', '_' or '.', starting and ending with a "
-            "letter or digit, without '--' or '..'"
-        )
+    """A namespace or repo name, by the client's rule (`hub.versions.is_repo_part`)."""
+    if not is_repo_part(part or ""):
+        raise InvalidName(f"invalid {what} {part[:100]!r}: use {REPO_PART_RULE}")
     return part
 
 
