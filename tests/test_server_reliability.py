@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx2
+import pytest
 from helpers import point_hf_client
 from huggingface_hub import CommitOperationAdd, HfApi, hf_hub_download, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError
@@ -227,3 +228,35 @@ def test_32_concurrent_downloads_get_identical_bytes(hub_server, tmp_path):
             Path(hf_hub_download(REPO, "big.bin", cache_dir=tmp_path / "c")).read_bytes()
         ).hexdigest()
     }
+
+
+def test_second_server_on_the_same_root_touches_nothing(hub_server, tmp_path):
+    """A second server on a root in use, on the same port (cannot bind) or another (the root is locked), is
+    refused before it cleans anything: the running server's upload in flight completes."""
+    api = HfApi(endpoint=hub_server.url)
+    api.create_repo(REPO)
+    content = os.urandom(2_000_000)
+    oid = hashlib.sha256(content).hexdigest()
+    answer = httpx2.post(
+        f"{hub_server.url}/{REPO}.git/info/lfs/objects/batch",
+        json={"operation": "upload", "objects": [{"oid": oid, "size": len(content)}]},
+    ).json()
+    href = answer["objects"][0]["actions"]["upload"]["href"]
+    host, port = hub_server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        head = f"PUT {href.removeprefix(hub_server.url)} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(content)}"
+        sock.sendall(f"{head}\r\n\r\n".encode() + content[:1_000_000])
+        tmp = hub_server.root / "repos" / "model" / REPO / "tmp"
+        deadline = time.monotonic() + 10
+        while not list(tmp.iterdir()):
+            assert time.monotonic() < deadline, "the upload never reached the server's temp folder"
+            time.sleep(0.05)
+        with pytest.raises(OSError, match="in use"):
+            serve(hub_server.root, port=int(port))
+        assert list(tmp.iterdir())
+        with pytest.raises(OSError, match="another lora-hub serve is using this root"):
+            serve(hub_server.root)
+        assert list(tmp.iterdir())
+        sock.sendall(content[1_000_000:])
+        assert sock.recv(1024).startswith(b"HTTP/1.1 200")
+    assert (hub_server.root / "repos" / "model" / REPO / "objects" / oid[:2] / oid[2:]).read_bytes() == content

@@ -49,8 +49,9 @@ class HubServer:
     ``"regular"`` for every file, the only mode that also works for a client with ``hf_xet`` installed, which
     would otherwise send every LFS file through Xet, a protocol this server does not speak.
     `max_upload_bytes` bounds one file and one commit; `user` is the name ``whoami`` returns and the default
-    namespace; `log` writes one line per request to stderr. One server per `root`: start-up empties the temp
-    folders of uploads that a crashed server left behind.
+    namespace; `log` writes one line per request to stderr. One server per `root`: a second one is refused
+    (OSError) while this one holds it; start-up, once bound and holding the root, empties the temp folders of
+    uploads that a crashed server left behind.
     """
 
     def __init__(
@@ -65,11 +66,15 @@ class HubServer:
         user: str = "local",
         log: bool = False,
     ):
-        self.store = Store(root)
+        self._httpd = _HTTPServer((host, port), Request)  # first: a start that cannot bind touches nothing
+        try:
+            self.store = Store(root)
+        except BaseException:
+            self._httpd.server_close()
+            raise
         self.token, self.user, self.log = token, user, log
         self.lfs_threshold, self.max_upload_bytes = lfs_threshold, max_upload_bytes
         self.secret = os.urandom(32)
-        self._httpd = _HTTPServer((host, port), Request)
         self._httpd.hub = self
         self._thread: threading.Thread | None = None
         self._foreground = False
@@ -99,7 +104,7 @@ class HubServer:
             self._httpd.serve_forever()
         finally:
             self._foreground = False
-            self._httpd.server_close()
+            self._close()
 
     def stop(self) -> None:
         if self._thread is not None or self._foreground:
@@ -107,7 +112,12 @@ class HubServer:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        self._close()
+
+    def _close(self) -> None:
+        """Free the port and the root."""
         self._httpd.server_close()
+        self.store.close()
 
     def __enter__(self) -> Self:
         self.start()

@@ -9,6 +9,9 @@ Layout under ``root/repos/<type>/<namespace>/<name>/``::
     tmp/                   uploads in flight; emptied at start-up
     lock                   flock()ed while refs.json is read-modified-written
 
+Beside ``repos/``, the root holds ``serve.lock`` (flock()ed by the one server using the root) and ``trash/``
+(repos being created or deleted; emptied at start-up).
+
 A file entry is ``{"sha256", "size", "sha1", "lfs"}``: ``sha1`` is the git blob id of the content (the Hub's
 ``oid``/``ETag`` of a regular file, which the client compares with its own ``git_hash``); ``lfs`` says how it
 was uploaded (a git-LFS pointer on the real Hub, see `lfs_pointer`).
@@ -28,6 +31,7 @@ before moving the ref, so a test can ``kill -9`` the server at the worst moment.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -331,17 +335,35 @@ class Repo:
 
 
 class Store:
-    """All repositories under `root`; `Repo` objects are cheap views, state lives on disk only."""
+    """All repositories under `root`; `Repo` objects are cheap views, state lives on disk only.
+
+    One store per root: it holds ``root/serve.lock`` (``flock``, released by `close` or when the process dies)
+    and empties the temp folders, left by a crash, only once it holds it; OSError if another store has it.
+    """
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root).resolve()
         (self.root / "repos").mkdir(parents=True, exist_ok=True)
+        self._lock = open(self.root / "serve.lock", "a+b")  # noqa: SIM115 - held until `close`
+        try:
+            fcntl.flock(self._lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise OSError(
+                errno.EBUSY,
+                "another lora-hub serve is using this root (one server per root): stop it or pick another --root",
+                str(self.root),
+            ) from None
         trash = self.root / "trash"
         shutil.rmtree(trash, ignore_errors=True)  # repos deleted (or half created) before a crash
         trash.mkdir()
         for tmp in (self.root / "repos").glob("*/*/*/tmp"):
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
+
+    def close(self) -> None:
+        """Let another store open this root."""
+        self._lock.close()
 
     def _path(self, rtype: str, repo_id: str) -> Path:
         namespace, _, name = repo_id.partition("/")
