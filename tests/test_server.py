@@ -196,6 +196,25 @@ def test_delete_folders(hub_server):
     assert sorted(api.list_repo_files(REPO)) == [".gitattributes", "c/w.txt", "keep.txt"]
 
 
+def test_unquoted_slash_in_a_revision_is_400_not_500(hub_server, capfd):
+    """The client quotes '/' in revisions (``feat%2Fx``); a raw '/' gives extra segments, refused with a 400
+    (a 5xx would be retried) that says how to quote, except after /tree/, where they are the folder."""
+    api = HfApi(endpoint=hub_server.url)
+    api.create_repo(REPO)
+    api.upload_file(path_or_fileobj=b"x", path_in_repo="d/f.txt", repo_id=REPO)
+    api.create_branch(REPO, branch="feat/x")
+    hub_server.log = True
+    for method, route in [("GET", "revision"), ("GET", "commits"), ("POST", "tag"), ("POST", "paths-info"),
+                          ("POST", "preupload"), ("POST", "commit"), ("DELETE", "branch")]:
+        status, _, body = _raw(hub_server, method, f"/api/models/{REPO}/{route}/feat/x", {"tag": "t"})
+        assert status == 400 and "quote '/' in a revision as %2F" in json.loads(body)["error"], (route, body)
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and " 500" not in err
+    assert [b.name for b in api.list_repo_refs(REPO).branches] == ["feat/x", "main"] and not api.list_repo_refs(REPO).tags
+    assert api.model_info(REPO, revision="feat/x").sha == api.list_repo_commits(REPO, revision="feat/x")[0].commit_id
+    assert [f.path for f in api.list_repo_tree(REPO, path_in_repo="d", revision="feat/x")] == ["d/f.txt"]
+
+
 def _raw(server, method: str, path: str, body: bytes | dict | None = None, token: str | None = None):
     host, port = server.url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=10)

@@ -225,7 +225,7 @@ def delete_ref(kind: str) -> Callable:
 
 
 # -- listing files -------------------------------------------------------------------------------------------
-def list_tree(req: Request, rtype: str, repo_id: str, revision: str, path: str = "") -> None:
+def list_tree(req: Request, rtype: str, repo_id: str, revision: str, path: str) -> None:
     commit = req.read_repo(rtype, repo_id).snapshot(revision)
     if path:
         check_path(path)
@@ -468,8 +468,7 @@ def not_here(req: Request, *_: str) -> None:
 
 
 # -- routing -------------------------------------------------------------------------------------------------
-_API: dict[tuple[str, str], Callable] = {
-    ("GET", "tree"): list_tree,
+_API: dict[tuple[str, str], Callable] = {  # (method, route) -> handler(req, rtype, repo_id, revision)
     ("POST", "paths-info"): paths_info,
     ("GET", "commits"): list_commits,
     ("POST", "tag"): create_tag,
@@ -504,10 +503,17 @@ def route(req: Request, method: str, seg: list[str]) -> None:
                 return list_refs(req, rtype, repo_id)
             if rest == ["settings"] and get == "PUT":
                 return repo_settings(req, rtype, repo_id)
+            if rest[0] == "tree" and len(rest) >= 2 and get == "GET":  # what follows the revision is a folder
+                return list_tree(req, rtype, repo_id, rest[1], "/".join(rest[2:]))
             handler = _API.get((get, rest[0]))
-            if handler is not None and len(rest) >= 2:
-                extra = ["/".join(rest[2:])] if len(rest) > 2 else []
-                return handler(req, rtype, repo_id, rest[1], *extra)
+            if handler is not None and len(rest) == 2:
+                return handler(req, rtype, repo_id, rest[1])
+            if handler is not None and len(rest) > 2:
+                raise HubError(
+                    400,
+                    f"{'/'.join(rest[1:])[:200]!r} is not one revision: quote '/' in a revision as %2F "
+                    "(huggingface_hub does)",
+                )
         return not_here(req)
     if seg[:1] == ["lfs-upload"] and len(seg) == 5 and get == "PUT" and seg[1] in URL_PREFIX:
         return lfs_upload(req, seg[1], check_repo_id(seg[2], seg[3]), seg[4])
