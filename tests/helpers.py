@@ -3,6 +3,9 @@ every test file. Keep them tiny: the whole suite runs on 2 CPU cores."""
 
 from __future__ import annotations
 
+import socket
+import threading
+
 import torch
 from torch import nn
 
@@ -197,3 +200,50 @@ def run_script(script, root, *args: str, timeout: float = 240):
             pass
         proc.wait()
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
+
+
+class Relay:
+    """A TCP relay in front of the hub that can fail like a network or a dying client: connections whose
+    request line contains `drop` are cut, and after `stall_after` bytes from the client it stops forwarding
+    and sets `stalled` (the client then blocks mid-upload) until `close()`."""
+
+    def __init__(self, target: str, drop: bytes | None = None, stall_after: int | None = None) -> None:
+        host, port = target.removeprefix("http://").split(":")
+        self.target, self.drop, self.stall_after = (host, int(port)), drop, stall_after
+        self.sent, self.stalled, self.sockets, self.request = 0, threading.Event(), [], b""
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            self.sockets += [client, upstream]
+            threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, from_client: bool) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                if from_client and data.split(b" ", 1)[0] in (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE"):
+                    self.request = data.split(b"\r\n", 1)[0]
+                if from_client and self.drop and self.drop in self.request:
+                    break
+                if from_client and self.stall_after is not None and self.sent + len(data) > self.stall_after:
+                    self.stalled.set()
+                    return
+                self.sent += len(data) if from_client else 0
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            s.close()
+
+    def close(self) -> None:
+        self.server.close()
+        for s in self.sockets:
+            s.close()

@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import uuid
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import pytest
 import torch
 import yaml
 from conftest import HUB_TOKEN
-from helpers import model_output, saved_adapter, tiny_gpt2, token_batch
+from helpers import Relay, model_output, saved_adapter, tiny_gpt2, token_batch
 from huggingface_hub import HfApi
 
 import hub
@@ -222,53 +220,6 @@ def test_token_never_in_output(hub_token, tmp_path, repo_id, capfd):
     seen += [p.read_text(errors="replace") for p in pulled.iterdir()]
     seen += [p.read_text(errors="replace") for p in hub_token.root.rglob("*") if p.is_file()]
     assert not [s for s in seen if HUB_TOKEN in s]
-
-
-class Relay:
-    """A TCP relay in front of the hub that can fail like a network or a dying client: connections whose
-    request line contains `drop` are cut, and after `stall_after` bytes from the client it stops forwarding
-    and sets `stalled` (the client then blocks mid-upload) until `close()`."""
-
-    def __init__(self, target: str, drop: bytes | None = None, stall_after: int | None = None) -> None:
-        host, port = target.removeprefix("http://").split(":")
-        self.target, self.drop, self.stall_after = (host, int(port)), drop, stall_after
-        self.sent, self.stalled, self.sockets, self.request = 0, threading.Event(), [], b""
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.server.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(self.target)
-            self.sockets += [client, upstream]
-            threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
-
-    def _pipe(self, src: socket.socket, dst: socket.socket, from_client: bool) -> None:
-        try:
-            while data := src.recv(1 << 16):
-                if from_client and data.split(b" ", 1)[0] in (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE"):
-                    self.request = data.split(b"\r\n", 1)[0]
-                if from_client and self.drop and self.drop in self.request:
-                    break
-                if from_client and self.stall_after is not None and self.sent + len(data) > self.stall_after:
-                    self.stalled.set()
-                    return
-                self.sent += len(data) if from_client else 0
-                dst.sendall(data)
-        except OSError:
-            pass
-        for s in (src, dst):
-            s.close()
-
-    def close(self) -> None:
-        self.server.close()
-        for s in self.sockets:
-            s.close()
 
 
 def test_failed_tag_reports_and_retry_finishes(hub_server, two_versions, tmp_path, repo_id):
