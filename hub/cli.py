@@ -241,12 +241,19 @@ def serve(
 
 @contextlib.contextmanager
 def _transfer(text: str) -> Iterator[None]:
-    """A rich spinner on stderr while a transfer runs, instead of the client's per-file progress bars."""
+    """A rich spinner on stderr while a transfer runs, instead of the client's per-file progress bars and its
+    warnings (each retry of a failing download logs two lines; the failure itself is reported in one)."""
     from huggingface_hub.utils import disable_progress_bars
+    from huggingface_hub.utils import logging as hf_logging
 
     disable_progress_bars()
-    with _status.status(text):
-        yield
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with _status.status(text):
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import HUB_TOKEN
-from helpers import saved_adapter, tiny_gpt2
+from helpers import Relay, saved_adapter, tiny_gpt2
 from typer.testing import CliRunner
 
 from hub.cli import app
@@ -108,6 +108,21 @@ def test_real_executable_error(hub_server):
                          timeout=120, check=False)
     want = f"error: repo me/missing not found on {hub_server.url} (or it is private and your token may not see it)"
     assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [want]
+
+
+def test_download_failure_is_one_line(hub_server, published, tmp_path):
+    """The connection dies on every file download: the client retries, logging warnings as it goes; the CLI
+    still prints one line."""
+    repo, _ = published
+    relay = Relay(hub_server.url, drop=f"GET /{repo}/resolve/".encode())
+    try:
+        env = {**os.environ, "HF_HOME": str(tmp_path / "fresh-home")}
+        bad = subprocess.run([LORA_HUB, "pull", repo, "--endpoint", relay.url], env=env, capture_output=True,
+                             text=True, timeout=120, check=False)
+    finally:
+        relay.close()
+    want = f"error: cannot reach {relay.url} (RemoteProtocolError); is `lora-hub serve` running? set --endpoint"
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [want + " or HF_ENDPOINT"], bad.stderr
 
 
 def test_serve(tmp_path):
