@@ -114,7 +114,8 @@ class LoRACallback(Callback):
         self.noop_check_steps = noop_check_steps
         self.summary: LoRASummary | None = None
         self._noop_checked = False
-        self._exported: dict[str, Any] = {}  # "last": global step, "best": (path, score) of the last export
+        # "last": global step, "best": ModelCheckpoint's (monitor, path, score) of the last export
+        self._exported: dict[str, Any] = {}
 
     # -- public --------------------------------------------------------------------------------------------
     def apply(self, module: nn.Module) -> LoRASummary:
@@ -172,6 +173,12 @@ class LoRACallback(Callback):
         for logger in trainer.loggers:
             logger.log_hyperparams({**summary.metrics(), "lora/r": config.r, "lora/alpha": config.alpha})
         self._noop_checked = False
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Every checkpoint restore is done by now. A best that ModelCheckpoint restored (or kept from an earlier
+        # fit) was exported when its file was written, or belongs to weights this run no longer holds: export
+        # `best` only when it changes from here on.
+        self._exported["best"] = _best_checkpoint(trainer)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if self._noop_checked or trainer.global_step < self.noop_check_steps:
@@ -241,13 +248,10 @@ class LoRACallback(Callback):
         if self._exported.get("last") != trainer.global_step:  # top-k and save_last saves share a step
             due.append(("last", _current_metric(trainer)))
             self._exported["last"] = trainer.global_step
-        best = next((cb for cb in trainer.checkpoint_callbacks
-                     if isinstance(cb, ModelCheckpoint) and cb.monitor and cb.best_model_path), None)
-        if best is not None:
-            key = (best.best_model_path, float(best.best_model_score))
-            if self._exported.get("best") != key:
-                due.append(("best", (best.monitor, key[1])))
-                self._exported["best"] = key
+        best = _best_checkpoint(trainer)
+        if best is not None and self._exported.get("best") != best:
+            due.append(("best", (best[0], best[2])))
+            self._exported["best"] = best
         if _is_sharded(trainer, self._target(pl_module)):  # every rank must join each gather: rank 0 decides
             due = trainer.strategy.broadcast(due)
         for name, metric in due:
@@ -544,6 +548,15 @@ def _all_zero_updates(trainer: pl.Trainer, layers: list[nn.Module]) -> bool:
     sums = torch.stack([torch.stack([abs_sum(layer.lora_a), abs_sum(layer.lora_b)]) for layer in layers])
     sums = trainer.strategy.reduce(sums, reduce_op="sum")
     return bool((sums == 0).any(dim=1).all())
+
+
+def _best_checkpoint(trainer: pl.Trainer) -> tuple[str, str, float] | None:
+    """The first monitoring ModelCheckpoint's best as (monitor, path, score); None while it has none, or while its
+    score is unknown (resuming into another folder, Lightning restores only `best_model_path`)."""
+    best = next((cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.monitor), None)
+    if best is None or not best.best_model_path or best.best_model_score is None:
+        return None
+    return best.monitor, best.best_model_path, float(best.best_model_score)
 
 
 def _current_metric(trainer: pl.Trainer) -> tuple[str, float] | None:

@@ -15,18 +15,20 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lit_models import CausalLM, Classifier, token_loader, trainer_kwargs
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from lightning_lora import ConfigError, LoRACallback, LoRAConfig, load_lora_checkpoint, lora_layers
 from lightning_lora.callback import RECORD_KEY
+from lightning_lora.io import adapter_state_dict
 
 peft = pytest.importorskip("peft")
 BATCH = token_loader(batches=1, seed=9).dataset[:2]
 
 
-def fit(module, tmp_path, callbacks, **overrides) -> L.Trainer:
+def fit(module, tmp_path, callbacks, ckpt_path=None, **overrides) -> L.Trainer:
     L.seed_everything(0, verbose=False)
     trainer = L.Trainer(**trainer_kwargs(tmp_path, callbacks=callbacks, **overrides))
-    trainer.fit(module)
+    trainer.fit(module, ckpt_path=ckpt_path)
     return trainer
 
 
@@ -310,3 +312,53 @@ def test_model_built_in_configure_model_and_module_stays_picklable(tmp_path):
     clone.load_state_dict(state)  # frozen keys missing: accepted; LoRA keys: strict
     with pytest.raises(RuntimeError, match="Missing key"):
         clone.load_state_dict(dict(list(state.items())[1:]))
+
+
+class WorseEachEpoch(CausalLM):
+    """Its monitored metric is best after epoch 0 and worse after every later epoch."""
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        self.log("val_metric", torch.tensor(1.0 + self.current_epoch))
+
+
+def assert_best_export(adapter_dir, checkpoint: ModelCheckpoint) -> None:
+    """``adapter_dir/best`` holds exactly the LoRA tensors of ModelCheckpoint's best checkpoint, with its score."""
+    best = load_lora_checkpoint(CausalLM(), checkpoint.best_model_path)
+    expected = adapter_state_dict(best.model)
+    exported = load_file(adapter_dir / "best" / "adapter_model.safetensors")
+    assert exported.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(exported[key], value), key
+    with safe_open(str(adapter_dir / "best" / "adapter_model.safetensors"), "pt") as f:
+        score = float(f.metadata()[f"lightning_lora.{checkpoint.monitor}"])
+    assert score == pytest.approx(float(checkpoint.best_model_score))
+
+
+def test_best_export_is_kept_after_resume(tmp_path):
+    def run(max_epochs, ckpt_path=None) -> ModelCheckpoint:
+        checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val_metric", save_last=True)
+        callback = LoRACallback(r=4, model_attr="model", adapter_dir=tmp_path / "adapter")
+        fit(WorseEachEpoch(), tmp_path, [callback, checkpoint], ckpt_path=ckpt_path, max_epochs=max_epochs)
+        return checkpoint
+
+    run(1)
+    resumed = run(3, ckpt_path=tmp_path / "ckpt" / "last.ckpt")  # epochs 1 and 2 are worse: best stays epoch 0
+    assert resumed.best_model_score == 1.0 and "epoch=0" in resumed.best_model_path
+    assert_best_export(tmp_path / "adapter", resumed)
+
+
+def test_resume_into_another_checkpoint_folder(tmp_path):
+    # A new logger version moves ModelCheckpoint's default folder: Lightning then restores its best_model_path
+    # but not its best_model_score; a second, periodic ModelCheckpoint saves before the monitored one has a score.
+    def run(max_epochs, ckpt_path=None) -> ModelCheckpoint:
+        best = ModelCheckpoint(monitor="val_loss")
+        periodic = ModelCheckpoint(every_n_train_steps=2, filename="periodic-{step}")
+        callback = LoRACallback(r=4, model_attr="model", adapter_dir=tmp_path / "adapter")
+        fit(CausalLM(), tmp_path, [callback, best, periodic], ckpt_path=ckpt_path, max_epochs=max_epochs,
+            logger=CSVLogger(tmp_path))
+        return best
+
+    first = run(1)
+    resumed = run(2, ckpt_path=first.best_model_path)
+    assert resumed.dirpath != first.dirpath and resumed.best_model_path.startswith(resumed.dirpath)
+    assert_best_export(tmp_path / "adapter", resumed)
