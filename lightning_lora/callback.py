@@ -340,7 +340,8 @@ class _IgnoreFrozenMissing:
 
 
 class _Chain:
-    """Replaces ``module.<hook>`` on the instance: runs the original, then ``callback.<after>(module, *args)``.
+    """Replaces ``module.<hook>`` on the instance: runs the original, then ``callback.<after>(module, *args)``
+    while the module's Trainer holds that callback (a later Trainer without it sees a plain LightningModule).
     Picklable (no closure); ``__wrapped__`` keeps Lightning's `is_overridden` answering as before."""
 
     def __init__(self, original: Any, callback: LoRACallback, after: str) -> None:
@@ -350,7 +351,9 @@ class _Chain:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         out = self.__wrapped__(*args, **kwargs)
-        getattr(self.callback, self.after)(self.__wrapped__.__self__, *args, **kwargs)
+        module = self.__wrapped__.__self__
+        if module._trainer is not None and self.callback in module._trainer.callbacks:
+            getattr(self.callback, self.after)(module, *args, **kwargs)
         return out
 
 

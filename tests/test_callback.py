@@ -17,7 +17,7 @@ from lit_models import CausalLM, Classifier, token_loader, trainer_kwargs
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from lightning_lora import ConfigError, LoRACallback, LoRAConfig, load_lora_checkpoint, lora_layers
+from lightning_lora import ConfigError, LoRACallback, LoRAConfig, load_lora_checkpoint, lora_layers, unload
 from lightning_lora.callback import RECORD_KEY
 from lightning_lora.io import adapter_state_dict
 
@@ -362,3 +362,23 @@ def test_resume_into_another_checkpoint_folder(tmp_path):
     resumed = run(2, ckpt_path=first.best_model_path)
     assert resumed.dirpath != first.dirpath and resumed.best_model_path.startswith(resumed.dirpath)
     assert_best_export(tmp_path / "adapter", resumed)
+
+
+def test_module_is_plain_for_other_trainers_after_fit(tmp_path):
+    module = CausalLM()
+    fit(module, tmp_path, [LoRACallback(r=4, model_attr="model", adapter_dir=tmp_path / "ad")], max_steps=2)
+    assert len(list(lora_layers(module))) == 2  # the adapter stays in the model
+    exported = (tmp_path / "ad" / "last" / "adapter_model.safetensors").read_bytes()
+
+    plain = ModelCheckpoint(dirpath=tmp_path / "plain")  # another Trainer, without LoRACallback
+    fit(module, tmp_path, [plain], max_steps=1)
+    saved = torch.load(plain.best_model_path, weights_only=True)
+    assert set(saved["state_dict"]) == set(module.state_dict()) and RECORD_KEY not in saved
+    assert (tmp_path / "ad" / "last" / "adapter_model.safetensors").read_bytes() == exported
+
+    unload(module.model)  # merged: a plain GPT-2 again, then fully fine-tuned
+    for param in module.parameters():
+        param.requires_grad_(True)
+    merged = ModelCheckpoint(dirpath=tmp_path / "merged")
+    fit(module, tmp_path, [merged], max_steps=1)
+    assert set(torch.load(merged.best_model_path, weights_only=True)["state_dict"]) == set(module.state_dict())
