@@ -6,9 +6,10 @@ that runs before the checkpoint restore, the DDP wrap and `configure_optimizers`
 Injecting later fails silently (the optimizer holds no LoRA parameter and ``B`` stays exactly 0, or DDP never
 all-reduces the new parameters), which `on_fit_start` turns into an error.
 
-Checkpoints keep only the trainable tensors: with ``r`` small they are ``3 x trainable x 4`` bytes (weights
-plus Adam's two moments) instead of the whole model. Resuming needs the missing frozen keys ignored while the
-LoRA keys stay strict: a picklable ``load_state_dict`` post-hook does exactly that.
+Checkpoints keep only the trainable tensors (and the few buffers training changes: normalization layers'
+running statistics): with ``r`` small they are ``3 x trainable x 4`` bytes (weights plus Adam's two moments)
+instead of the whole model. Resuming needs the missing frozen keys ignored while the LoRA keys stay strict: a
+picklable ``load_state_dict`` post-hook does exactly that.
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
 
 from .config import ConfigError, LoRAConfig
-from .inject import adapter_configs, inject, lora_layers
+from .inject import adapter_configs, extra_buffers, inject, lora_layers
 from .io import WRAPPER_SEGMENTS, atomic_write, fingerprint, remove_stale_temps, save_adapter
 from .summary import LoRASummary, summarize
 
@@ -58,9 +60,12 @@ class LoRACallback(Callback):
             Parameters outside it are frozen too.
         noop_check_steps: after this many optimizer steps, warn if every adapter still computes exactly zero.
 
-    Checkpoints written during `fit` hold only the trainable tensors plus ``checkpoint["lightning_lora"]``
-    (config and base fingerprint); `trainer.fit(ckpt_path=...)` resumes from them exactly, and
-    `load_lora_checkpoint` loads them outside a Trainer.
+    Checkpoints written during `fit` hold only the trainable tensors, the buffers of ``modules_to_save`` and
+    the running statistics of normalization layers (BatchNorm's change in training even when frozen), plus
+    ``checkpoint["lightning_lora"]`` (config and base fingerprint); `trainer.fit(ckpt_path=...)` resumes from
+    them exactly, and `load_lora_checkpoint` loads them outside a Trainer. The PEFT export carries only the
+    adapter and ``modules_to_save``: `fit` warns about normalization layers with running statistics outside
+    ``modules_to_save``.
 
     Strategies, each tested in 2 processes on CPU (gloo): single device, DDP, FSDP and FSDP2 (FSDPStrategy through
     a test-only subclass that lifts Lightning's GPU requirement; GPUs are not verified yet).
@@ -172,6 +177,7 @@ class LoRACallback(Callback):
                 remove_stale_temps(folder)
         for logger in trainer.loggers:
             logger.log_hyperparams({**summary.metrics(), "lora/r": config.r, "lora/alpha": config.alpha})
+        _warn_unexported_statistics(self._target(pl_module), config)
         self._noop_checked = False
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -194,10 +200,11 @@ class LoRACallback(Callback):
             )
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        checkpoint["state_dict"] = _trainable_only(pl_module, checkpoint["state_dict"])
+        target, config = self._target(pl_module), self.resolved_config(pl_module)
+        checkpoint["state_dict"] = _adapter_only(pl_module, target, config, checkpoint["state_dict"])
         checkpoint[RECORD_KEY] = {
-            "config": self.resolved_config(pl_module).to_dict(),
-            "fingerprint": fingerprint(self._target(pl_module)),
+            "config": config.to_dict(),
+            "fingerprint": fingerprint(target),
             "model_attr": self.model_attr,
         }
         if self.adapter_dir is not None:
@@ -305,8 +312,8 @@ def load_lora_checkpoint(module: nn.Module | type[pl.LightningModule], ckpt_path
 
     `module` is either a built module holding the base model (as for training), or a LightningModule class,
     then built with ``load_from_checkpoint(ckpt_path, **kwargs)`` from its saved hyperparameters. The saved
-    LoRA config is injected and the trainable tensors loaded, strictly: a missing or extra LoRA key, another
-    shape or another base model raises. Returns the module::
+    LoRA config is injected and the saved tensors (trainable ones, running statistics) loaded, strictly: a
+    missing or extra LoRA key, another shape or another base model raises. Returns the module::
 
         model = load_lora_checkpoint(MyModule, "checkpoints/epoch=2-step=300.ckpt")
     """
@@ -380,9 +387,35 @@ def _clean(name: str) -> str:
     return ".".join(p for p in name.split(".") if p not in _FSDP_WRAPPERS)
 
 
-def _trainable_only(module: nn.Module, state_dict: dict[str, Any]) -> dict[str, Any]:
-    keep = _trainable_names(module)
+def _adapter_only(module: nn.Module, target: nn.Module, config: LoRAConfig,
+                  state_dict: dict[str, Any]) -> dict[str, Any]:
+    """`state_dict` cut down to the trainable tensors plus the buffers that training changes and resuming or
+    loading needs: those of modules_to_save and normalization layers' running statistics (updated in training
+    mode even when frozen). Other frozen buffers are constant and stay out."""
+    buffers = {id(b) for b in extra_buffers(target, config).values()}
+    buffers |= {id(b) for m in module.modules() if _tracks_statistics(m) for b in m.buffers(recurse=False)}
+    keep = _trainable_names(module) | {_clean(n) for n, b in module.named_buffers(remove_duplicate=False)
+                                       if id(b) in buffers}
     return {k: v for k, v in state_dict.items() if _clean(k) in keep}
+
+
+def _tracks_statistics(module: nn.Module) -> bool:
+    return isinstance(module, _NormBase) and module.track_running_stats
+
+
+def _warn_unexported_statistics(target: nn.Module, config: LoRAConfig) -> None:
+    """Warn about normalization layers whose running statistics the PEFT export cannot carry: PEFT saves only
+    the adapter and modules_to_save, so such an export runs with the base model's statistics."""
+    saved = {id(b) for b in extra_buffers(target, config).values()}
+    names = [_clean(path) for path, m in target.named_modules()
+             if _tracks_statistics(m) and any(id(b) not in saved for b in m.buffers(recurse=False))]
+    if names:
+        rank_zero_warn(
+            f"LoRA: {len(names)} normalization layer(s) outside modules_to_save track running statistics "
+            f"({names[:8]}{' ...' if len(names) > 8 else ''}). Training updates them although they are frozen; "
+            f"the adapter-only checkpoints keep them, but the PEFT export cannot, so an exported adapter would "
+            f"run with the base model's statistics: add them to modules_to_save."
+        )
 
 
 def _fsdp_root(trainer: pl.Trainer) -> nn.Module | None:

@@ -1,5 +1,6 @@
 """LoRACallback on real Lightning Trainers (CPU, tiny models): training, adapter-only checkpoints, exact
-resume, PEFT export, the optimizer guard, logging, idempotence, weights-only saves, gradient checkpointing."""
+resume, PEFT export, the optimizer guard, logging, idempotence, weights-only saves, gradient checkpointing,
+the best export across resumes, normalization statistics, and the module left plain for other Trainers."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import warnings
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from helpers import tiny_gpt2
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -16,8 +18,18 @@ from lightning.pytorch.loggers import CSVLogger
 from lit_models import CausalLM, Classifier, token_loader, trainer_kwargs
 from safetensors import safe_open
 from safetensors.torch import load_file
+from torch import nn
+from torch.utils.data import DataLoader
 
-from lightning_lora import ConfigError, LoRACallback, LoRAConfig, load_lora_checkpoint, lora_layers, unload
+from lightning_lora import (
+    ConfigError,
+    LoRACallback,
+    LoRAConfig,
+    load_adapter,
+    load_lora_checkpoint,
+    lora_layers,
+    unload,
+)
 from lightning_lora.callback import RECORD_KEY
 from lightning_lora.io import adapter_state_dict
 
@@ -382,3 +394,80 @@ def test_module_is_plain_for_other_trainers_after_fit(tmp_path):
     merged = ModelCheckpoint(dirpath=tmp_path / "merged")
     fit(module, tmp_path, [merged], max_steps=1)
     assert set(torch.load(merged.best_model_path, weights_only=True)["state_dict"]) == set(module.state_dict())
+
+
+class BatchNormNet(L.LightningModule):
+    """Conv and Linear layers with BatchNorm, whose running statistics change in training even when frozen."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                                 nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=0.05)
+
+    def train_dataloader(self) -> DataLoader:
+        x = torch.randn(16, 3, 4, 4, generator=torch.Generator().manual_seed(1)) * 3 + 1
+        return DataLoader(list(zip(x, (x[:, 0, 0, 0] > 1).long())), batch_size=4)
+
+
+BN_TARGETS = ["net.0", "net.4", "net.7"]
+IMAGES = torch.randn(5, 3, 4, 4, generator=torch.Generator().manual_seed(2)) * 3 + 1
+STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def test_norm_statistics_resume_exactly_and_load(tmp_path):
+    def run(name, max_epochs, ckpt_path=None) -> tuple[BatchNormNet, ModelCheckpoint]:
+        module, checkpoint = BatchNormNet(), ModelCheckpoint(dirpath=tmp_path / name)
+        callback = LoRACallback(r=2, alpha=4, target_modules=BN_TARGETS, modules_to_save=["net.5"])
+        fit(module, tmp_path, [callback, checkpoint], ckpt_path=ckpt_path, max_epochs=max_epochs)
+        return module, checkpoint
+
+    # net.1 is outside modules_to_save: the PEFT export cannot carry its statistics
+    with pytest.warns(UserWarning, match=r"1 normalization layer\(s\) outside modules_to_save .*\['net\.1'\]"):
+        whole, whole_ckpt = run("whole", 2)
+    _, part = run("part", 1)
+    resumed, _ = run("resumed", 2, ckpt_path=part.best_model_path)
+
+    assert not torch.equal(whole.net[1].running_mean, BatchNormNet().net[1].running_mean)
+    assert whole.net[1].num_batches_tracked == 8
+    expected, got = whole.state_dict(), resumed.state_dict()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+
+    saved = torch.load(whole_ckpt.best_model_path, weights_only=True)["state_dict"]
+    assert set(saved) == set(trainable(whole)) | {f"net.{i}.{name}" for i in (1, 5) for name in STATS}
+    loaded = load_lora_checkpoint(BatchNormNet(), whole_ckpt.best_model_path).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(IMAGES), whole.eval()(IMAGES))
+
+
+def test_modules_to_save_export_carries_norm_statistics(tmp_path):
+    module = BatchNormNet()
+    callback = LoRACallback(r=2, alpha=4, target_modules=BN_TARGETS, modules_to_save=["net.1", "net.5"],
+                            adapter_dir=tmp_path / "ad")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(module, tmp_path, [callback])
+    assert not [w for w in caught if "normalization layer" in str(w.message)]
+    exported = load_file(tmp_path / "ad" / "last" / "adapter_model.safetensors")
+    for name in STATS:
+        assert torch.equal(exported[f"base_model.model.net.1.{name}"], getattr(module.net[1], name))
+
+    module.eval()
+    ours = BatchNormNet()
+    load_adapter(ours, tmp_path / "ad" / "last")
+    peft_model = peft.PeftModel.from_pretrained(BatchNormNet(), str(tmp_path / "ad" / "last"))
+    with torch.no_grad():
+        expected = module(IMAGES)
+        torch.testing.assert_close(ours.eval()(IMAGES), expected, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(peft_model.eval()(IMAGES), expected, atol=1e-6, rtol=1e-6)
