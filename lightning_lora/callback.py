@@ -58,7 +58,8 @@ class LoRACallback(Callback):
             transformers model in ``self.model``, whose ``config.model_type`` then picks default targets, and
             whose PEFT export then loads into that transformers class). Default: the whole LightningModule.
             Parameters outside it are frozen too.
-        noop_check_steps: after this many optimizer steps, warn if every adapter still computes exactly zero.
+        noop_check_steps: after this many optimizer steps, warn if every adapter still computes exactly zero;
+            0 or None turns the check off.
 
     Checkpoints written during `fit` hold only the trainable tensors, the buffers of ``modules_to_save`` and
     the running statistics of normalization layers (BatchNorm's change in training even when frozen), plus
@@ -110,12 +111,15 @@ class LoRACallback(Callback):
         task_type: str | None = None,
         adapter_dir: str | Path | None = None,
         model_attr: str | None = None,
-        noop_check_steps: int = 10,
+        noop_check_steps: int | None = 10,
     ) -> None:
         fields = {k: v for k, v in locals().items() if k in _CONFIG_FIELDS and v is not None}
         self.config = (config or LoRAConfig()).replace(**fields)
         self.adapter_dir = Path(adapter_dir) if adapter_dir is not None else None
         self.model_attr = model_attr
+        if noop_check_steps is not None and noop_check_steps < 0:
+            raise ConfigError(f"noop_check_steps={noop_check_steps}: must be a number of optimizer steps >= 0 "
+                              f"(0 or None turns the no-op check off)")
         self.noop_check_steps = noop_check_steps
         self.summary: LoRASummary | None = None
         self._noop_checked = False
@@ -187,7 +191,7 @@ class LoRACallback(Callback):
         self._exported["best"] = _best_checkpoint(trainer)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        if self._noop_checked or trainer.global_step < self.noop_check_steps:
+        if self._noop_checked or not self.noop_check_steps or trainer.global_step < self.noop_check_steps:
             return
         self._noop_checked = True
         layers = [layer for _, layer in lora_layers(self._target(pl_module))]

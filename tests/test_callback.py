@@ -471,3 +471,14 @@ def test_modules_to_save_export_carries_norm_statistics(tmp_path):
         expected = module(IMAGES)
         torch.testing.assert_close(ours.eval()(IMAGES), expected, atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(peft_model.eval()(IMAGES), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_noop_check_off_and_negative_refused(tmp_path):
+    for steps in (0, None):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fit(CausalLM(lr=0.0), tmp_path, [LoRACallback(r=4, model_attr="model", noop_check_steps=steps)],
+                max_steps=2)
+        assert not [w for w in caught if "no-op" in str(w.message)], steps
+    with pytest.raises(ConfigError, match=r"noop_check_steps=-1: .*0 or None"):
+        LoRACallback(noop_check_steps=-1)
