@@ -56,8 +56,8 @@ class LoRACallback(Callback):
             (atomically, global rank 0 only, with a model card).
         model_attr: the attribute of the LightningModule holding the model to adapt (e.g. ``"model"`` for a
             transformers model in ``self.model``, whose ``config.model_type`` then picks default targets, and
-            whose PEFT export then loads into that transformers class). Default: the whole LightningModule.
-            Parameters outside it are frozen too.
+            whose PEFT export then loads into that transformers class), or a dotted path to it
+            (``"backbone.encoder"``). Default: the whole LightningModule. Parameters outside it are frozen too.
         noop_check_steps: after this many optimizer steps, warn if every adapter still computes exactly zero;
             0 or None turns the check off.
 
@@ -222,11 +222,17 @@ class LoRACallback(Callback):
     def _target(self, module: nn.Module) -> nn.Module:
         if self.model_attr is None:
             return module
-        target = getattr(module, self.model_attr, None)
+        target: Any = module
+        path = type(module).__name__
+        for part in self.model_attr.split("."):
+            if not hasattr(target, part):
+                raise ConfigError(f"model_attr={self.model_attr!r}: {path} has no attribute {part!r}; fix "
+                                  f"model_attr, or build the model in __init__ or configure_model")
+            target, path = getattr(target, part), f"{path}.{part}"
         if not isinstance(target, nn.Module):
             raise ConfigError(
-                f"model_attr={self.model_attr!r}: {type(module).__name__}.{self.model_attr} is "
-                f"{type(target).__name__}, not a module; build it in __init__ or configure_model, or fix model_attr"
+                f"model_attr={self.model_attr!r}: {path} is {type(target).__name__}, not a module; build it in "
+                f"__init__ or configure_model, or fix model_attr"
             )
         return target
 

@@ -482,3 +482,34 @@ def test_noop_check_off_and_negative_refused(tmp_path):
         assert not [w for w in caught if "no-op" in str(w.message)], steps
     with pytest.raises(ConfigError, match=r"noop_check_steps=-1: .*0 or None"):
         LoRACallback(noop_check_steps=-1)
+
+
+class NestedModel(CausalLM):
+    """The GPT-2 two attributes deep, at ``self.backbone.encoder``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Module()
+        self.backbone.encoder = self.model
+        del self.model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.backbone.encoder(input_ids=input_ids).logits
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        return self.backbone.encoder(input_ids=batch, labels=batch).loss
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        self.log("val_loss", self.backbone.encoder(input_ids=batch, labels=batch).loss)
+
+
+def test_dotted_model_attr(tmp_path):
+    module, checkpoint = NestedModel(), ModelCheckpoint(dirpath=tmp_path / "ckpt")
+    fit(module, tmp_path, [LoRACallback(r=4, model_attr="backbone.encoder"), checkpoint], max_steps=2)
+    assert len(list(lora_layers(module.backbone.encoder))) == 2 and all_b_nonzero(module)
+    loaded = load_lora_checkpoint(NestedModel(), checkpoint.best_model_path).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(BATCH), module.eval()(BATCH))
+    with pytest.raises(ConfigError, match=r"model_attr='backbone\.decoder': NestedModel\.backbone has no attribute "
+                                          r"'decoder'"):
+        LoRACallback(model_attr="backbone.decoder").apply(NestedModel())
