@@ -6,9 +6,10 @@ that runs before the checkpoint restore, the DDP wrap and `configure_optimizers`
 Injecting later fails silently (the optimizer holds no LoRA parameter and ``B`` stays exactly 0, or DDP never
 all-reduces the new parameters), which `on_fit_start` turns into an error.
 
-Checkpoints keep only the trainable tensors: with ``r`` small they are ``3 x trainable x 4`` bytes (weights
-plus Adam's two moments) instead of the whole model. Resuming needs the missing frozen keys ignored while the
-LoRA keys stay strict: a picklable ``load_state_dict`` post-hook does exactly that.
+Checkpoints keep only the trainable tensors (and the few buffers training changes: normalization layers'
+running statistics): with ``r`` small they are ``3 x trainable x 4`` bytes (weights plus Adam's two moments)
+instead of the whole model. Resuming needs the missing frozen keys ignored while the LoRA keys stay strict: a
+picklable ``load_state_dict`` post-hook does exactly that.
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
 
 from .config import ConfigError, LoRAConfig
-from .inject import adapter_configs, inject, lora_layers
+from .inject import adapter_configs, extra_buffers, inject, lora_layers
 from .io import WRAPPER_SEGMENTS, atomic_write, fingerprint, remove_stale_temps, save_adapter
 from .summary import LoRASummary, summarize
 
@@ -54,13 +56,17 @@ class LoRACallback(Callback):
             (atomically, global rank 0 only, with a model card).
         model_attr: the attribute of the LightningModule holding the model to adapt (e.g. ``"model"`` for a
             transformers model in ``self.model``, whose ``config.model_type`` then picks default targets, and
-            whose PEFT export then loads into that transformers class). Default: the whole LightningModule.
-            Parameters outside it are frozen too.
-        noop_check_steps: after this many optimizer steps, warn if every adapter still computes exactly zero.
+            whose PEFT export then loads into that transformers class), or a dotted path to it
+            (``"backbone.encoder"``). Default: the whole LightningModule. Parameters outside it are frozen too.
+        noop_check_steps: after this many optimizer steps, warn if every adapter still computes exactly zero;
+            0 or None turns the check off.
 
-    Checkpoints written during `fit` hold only the trainable tensors plus ``checkpoint["lightning_lora"]``
-    (config and base fingerprint); `trainer.fit(ckpt_path=...)` resumes from them exactly, and
-    `load_lora_checkpoint` loads them outside a Trainer.
+    Checkpoints written during `fit` hold only the trainable tensors, the buffers of ``modules_to_save`` and
+    the running statistics of normalization layers (BatchNorm's change in training even when frozen), plus
+    ``checkpoint["lightning_lora"]`` (config and base fingerprint); `trainer.fit(ckpt_path=...)` resumes from
+    them exactly, and `load_lora_checkpoint` loads them outside a Trainer. The PEFT export carries only the
+    adapter and ``modules_to_save``: `fit` warns about normalization layers with running statistics outside
+    ``modules_to_save``.
 
     Strategies, each tested in 2 processes on CPU (gloo): single device, DDP, FSDP and FSDP2 (FSDPStrategy through
     a test-only subclass that lifts Lightning's GPU requirement; GPUs are not verified yet).
@@ -105,16 +111,20 @@ class LoRACallback(Callback):
         task_type: str | None = None,
         adapter_dir: str | Path | None = None,
         model_attr: str | None = None,
-        noop_check_steps: int = 10,
+        noop_check_steps: int | None = 10,
     ) -> None:
         fields = {k: v for k, v in locals().items() if k in _CONFIG_FIELDS and v is not None}
         self.config = (config or LoRAConfig()).replace(**fields)
         self.adapter_dir = Path(adapter_dir) if adapter_dir is not None else None
         self.model_attr = model_attr
+        if noop_check_steps is not None and noop_check_steps < 0:
+            raise ConfigError(f"noop_check_steps={noop_check_steps}: must be a number of optimizer steps >= 0 "
+                              f"(0 or None turns the no-op check off)")
         self.noop_check_steps = noop_check_steps
         self.summary: LoRASummary | None = None
         self._noop_checked = False
-        self._exported: dict[str, Any] = {}  # "last": global step, "best": (path, score) of the last export
+        # "last": global step, "best": ModelCheckpoint's (monitor, path, score) of the last export
+        self._exported: dict[str, Any] = {}
 
     # -- public --------------------------------------------------------------------------------------------
     def apply(self, module: nn.Module) -> LoRASummary:
@@ -171,10 +181,17 @@ class LoRACallback(Callback):
                 remove_stale_temps(folder)
         for logger in trainer.loggers:
             logger.log_hyperparams({**summary.metrics(), "lora/r": config.r, "lora/alpha": config.alpha})
+        _warn_unexported_statistics(self._target(pl_module), config)
         self._noop_checked = False
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Every checkpoint restore is done by now. A best that ModelCheckpoint restored (or kept from an earlier
+        # fit) was exported when its file was written, or belongs to weights this run no longer holds: export
+        # `best` only when it changes from here on.
+        self._exported["best"] = _best_checkpoint(trainer)
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        if self._noop_checked or trainer.global_step < self.noop_check_steps:
+        if self._noop_checked or not self.noop_check_steps or trainer.global_step < self.noop_check_steps:
             return
         self._noop_checked = True
         layers = [layer for _, layer in lora_layers(self._target(pl_module))]
@@ -187,10 +204,11 @@ class LoRACallback(Callback):
             )
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        checkpoint["state_dict"] = _trainable_only(pl_module, checkpoint["state_dict"])
+        target, config = self._target(pl_module), self.resolved_config(pl_module)
+        checkpoint["state_dict"] = _adapter_only(pl_module, target, config, checkpoint["state_dict"])
         checkpoint[RECORD_KEY] = {
-            "config": self.resolved_config(pl_module).to_dict(),
-            "fingerprint": fingerprint(self._target(pl_module)),
+            "config": config.to_dict(),
+            "fingerprint": fingerprint(target),
             "model_attr": self.model_attr,
         }
         if self.adapter_dir is not None:
@@ -204,11 +222,17 @@ class LoRACallback(Callback):
     def _target(self, module: nn.Module) -> nn.Module:
         if self.model_attr is None:
             return module
-        target = getattr(module, self.model_attr, None)
+        target: Any = module
+        path = type(module).__name__
+        for part in self.model_attr.split("."):
+            if not hasattr(target, part):
+                raise ConfigError(f"model_attr={self.model_attr!r}: {path} has no attribute {part!r}; fix "
+                                  f"model_attr, or build the model in __init__ or configure_model")
+            target, path = getattr(target, part), f"{path}.{part}"
         if not isinstance(target, nn.Module):
             raise ConfigError(
-                f"model_attr={self.model_attr!r}: {type(module).__name__}.{self.model_attr} is "
-                f"{type(target).__name__}, not a module; build it in __init__ or configure_model, or fix model_attr"
+                f"model_attr={self.model_attr!r}: {path} is {type(target).__name__}, not a module; build it in "
+                f"__init__ or configure_model, or fix model_attr"
             )
         return target
 
@@ -241,13 +265,10 @@ class LoRACallback(Callback):
         if self._exported.get("last") != trainer.global_step:  # top-k and save_last saves share a step
             due.append(("last", _current_metric(trainer)))
             self._exported["last"] = trainer.global_step
-        best = next((cb for cb in trainer.checkpoint_callbacks
-                     if isinstance(cb, ModelCheckpoint) and cb.monitor and cb.best_model_path), None)
-        if best is not None:
-            key = (best.best_model_path, float(best.best_model_score))
-            if self._exported.get("best") != key:
-                due.append(("best", (best.monitor, key[1])))
-                self._exported["best"] = key
+        best = _best_checkpoint(trainer)
+        if best is not None and self._exported.get("best") != best:
+            due.append(("best", (best[0], best[2])))
+            self._exported["best"] = best
         if _is_sharded(trainer, self._target(pl_module)):  # every rank must join each gather: rank 0 decides
             due = trainer.strategy.broadcast(due)
         for name, metric in due:
@@ -301,8 +322,8 @@ def load_lora_checkpoint(module: nn.Module | type[pl.LightningModule], ckpt_path
 
     `module` is either a built module holding the base model (as for training), or a LightningModule class,
     then built with ``load_from_checkpoint(ckpt_path, **kwargs)`` from its saved hyperparameters. The saved
-    LoRA config is injected and the trainable tensors loaded, strictly: a missing or extra LoRA key, another
-    shape or another base model raises. Returns the module::
+    LoRA config is injected and the saved tensors (trainable ones, running statistics) loaded, strictly: a
+    missing or extra LoRA key, another shape or another base model raises. Returns the module::
 
         model = load_lora_checkpoint(MyModule, "checkpoints/epoch=2-step=300.ckpt")
     """
@@ -336,7 +357,8 @@ class _IgnoreFrozenMissing:
 
 
 class _Chain:
-    """Replaces ``module.<hook>`` on the instance: runs the original, then ``callback.<after>(module, *args)``.
+    """Replaces ``module.<hook>`` on the instance: runs the original, then ``callback.<after>(module, *args)``
+    while the module's Trainer holds that callback (a later Trainer without it sees a plain LightningModule).
     Picklable (no closure); ``__wrapped__`` keeps Lightning's `is_overridden` answering as before."""
 
     def __init__(self, original: Any, callback: LoRACallback, after: str) -> None:
@@ -346,7 +368,9 @@ class _Chain:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         out = self.__wrapped__(*args, **kwargs)
-        getattr(self.callback, self.after)(self.__wrapped__.__self__, *args, **kwargs)
+        module = self.__wrapped__.__self__
+        if module._trainer is not None and self.callback in module._trainer.callbacks:
+            getattr(self.callback, self.after)(module, *args, **kwargs)
         return out
 
 
@@ -373,9 +397,35 @@ def _clean(name: str) -> str:
     return ".".join(p for p in name.split(".") if p not in _FSDP_WRAPPERS)
 
 
-def _trainable_only(module: nn.Module, state_dict: dict[str, Any]) -> dict[str, Any]:
-    keep = _trainable_names(module)
+def _adapter_only(module: nn.Module, target: nn.Module, config: LoRAConfig,
+                  state_dict: dict[str, Any]) -> dict[str, Any]:
+    """`state_dict` cut down to the trainable tensors plus the buffers that training changes and resuming or
+    loading needs: those of modules_to_save and normalization layers' running statistics (updated in training
+    mode even when frozen). Other frozen buffers are constant and stay out."""
+    buffers = {id(b) for b in extra_buffers(target, config).values()}
+    buffers |= {id(b) for m in module.modules() if _tracks_statistics(m) for b in m.buffers(recurse=False)}
+    keep = _trainable_names(module) | {_clean(n) for n, b in module.named_buffers(remove_duplicate=False)
+                                       if id(b) in buffers}
     return {k: v for k, v in state_dict.items() if _clean(k) in keep}
+
+
+def _tracks_statistics(module: nn.Module) -> bool:
+    return isinstance(module, _NormBase) and module.track_running_stats
+
+
+def _warn_unexported_statistics(target: nn.Module, config: LoRAConfig) -> None:
+    """Warn about normalization layers whose running statistics the PEFT export cannot carry: PEFT saves only
+    the adapter and modules_to_save, so such an export runs with the base model's statistics."""
+    saved = {id(b) for b in extra_buffers(target, config).values()}
+    names = [_clean(path) for path, m in target.named_modules()
+             if _tracks_statistics(m) and any(id(b) not in saved for b in m.buffers(recurse=False))]
+    if names:
+        rank_zero_warn(
+            f"LoRA: {len(names)} normalization layer(s) outside modules_to_save track running statistics "
+            f"({names[:8]}{' ...' if len(names) > 8 else ''}). Training updates them although they are frozen; "
+            f"the adapter-only checkpoints keep them, but the PEFT export cannot, so an exported adapter would "
+            f"run with the base model's statistics: add them to modules_to_save."
+        )
 
 
 def _fsdp_root(trainer: pl.Trainer) -> nn.Module | None:
@@ -544,6 +594,15 @@ def _all_zero_updates(trainer: pl.Trainer, layers: list[nn.Module]) -> bool:
     sums = torch.stack([torch.stack([abs_sum(layer.lora_a), abs_sum(layer.lora_b)]) for layer in layers])
     sums = trainer.strategy.reduce(sums, reduce_op="sum")
     return bool((sums == 0).any(dim=1).all())
+
+
+def _best_checkpoint(trainer: pl.Trainer) -> tuple[str, str, float] | None:
+    """The first monitoring ModelCheckpoint's best as (monitor, path, score); None while it has none, or while its
+    score is unknown (resuming into another folder, Lightning restores only `best_model_path`)."""
+    best = next((cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.monitor), None)
+    if best is None or not best.best_model_path or best.best_model_score is None:
+        return None
+    return best.monitor, best.best_model_path, float(best.best_model_score)
 
 
 def _current_metric(trainer: pl.Trainer) -> tuple[str, float] | None:

@@ -11,6 +11,7 @@ import contextlib
 import re
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 
 from .config import DEFAULT_TARGETS, ConfigError, LoRAConfig, is_saved_module, matches
@@ -222,6 +223,18 @@ def extra_trainable(model: nn.Module, config: LoRAConfig) -> dict[str, nn.Parame
         owner = path.removesuffix(".base_layer")
         if config.bias == "all" or (config.bias == "lora_only" and owner != path and owner in lora_paths):
             out[prefix + "bias"] = bias
+    return out
+
+
+def extra_buffers(model: nn.Module, config: LoRAConfig) -> dict[str, torch.Tensor]:
+    """The persistent buffers of ``modules_to_save`` by name (a BatchNorm's running statistics): PEFT saves
+    those modules' whole state_dict, so the adapter carries them beside their parameters."""
+    out = {}
+    for path, module in model.named_modules():
+        if is_saved_module(config.modules_to_save, path):
+            for sub_path, sub in module.named_modules(prefix=path):
+                out.update({f"{sub_path}.{n}": b for n, b in sub._buffers.items()
+                            if b is not None and n not in sub._non_persistent_buffers_set})
     return out
 
 

@@ -33,6 +33,7 @@ from .config import ConfigError, LoRAConfig, is_saved_module
 from .inject import (
     _output_head,
     adapter_configs,
+    extra_buffers,
     extra_trainable,
     find_targets,
     inject,
@@ -54,7 +55,7 @@ _KIND_SUFFIX = {
     "lora_embedding_A": "lora_embedding_A", "lora_embedding_B": "lora_embedding_B",
     "lora_magnitude_vector": "lora_magnitude_vector",
 }
-_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
+_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8}  # I64: counters (BatchNorm's num_batches_tracked)
 _MAX_HEADER = 100 * 1024 * 1024
 _MAX_CONFIG = 1024 * 1024
 
@@ -121,15 +122,16 @@ def adapter_dir(directory: str | os.PathLike, adapter_name: str = "default") -> 
 
 
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """The adapter's tensors under PEFT's keys: A, B (and DoRA magnitudes), plus modules_to_save and biases."""
+    """The adapter's tensors under PEFT's keys: A, B (and DoRA magnitudes), plus modules_to_save (parameters
+    and buffers, as PEFT saves them) and biases."""
     config = adapter_configs(model)[adapter_name]
     out = {}
     for path, layer in lora_layers(model):
         for kind, params in layer.named_children():
             if kind in _KIND_SUFFIX and adapter_name in params:
                 out[_key(f"{path}.{_KIND_SUFFIX[kind]}")] = params[adapter_name]
-    for name, param in extra_trainable(model, config).items():
-        out[_key(name)] = param
+    for name, tensor in {**extra_trainable(model, config), **extra_buffers(model, config)}.items():
+        out[_key(name)] = tensor
     return {k: v.detach() for k, v in out.items()}
 
 
@@ -239,7 +241,8 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, dict], dict[str, str
         except (TypeError, KeyError, ValueError):
             raise AdapterError(f"{path}: tensor {key!r} has a malformed header entry") from None
         if dtype not in _DTYPES:
-            raise AdapterError(f"{path}: tensor {key!r} has dtype {dtype}; adapters hold float tensors only")
+            raise AdapterError(f"{path}: tensor {key!r} has dtype {dtype}; adapters hold float tensors only "
+                               f"(int64 for buffers of modules_to_save)")
         if not isinstance(shape, list) or not all(isinstance(v, int) and v >= 0 for v in (*shape, begin, end)) \
                 or begin > end:
             raise AdapterError(f"{path}: tensor {key!r} has an invalid shape or offsets")
@@ -269,8 +272,11 @@ def validate_adapter(directory: str | os.PathLike) -> AdapterInfo:
     for key in shapes:
         if not key.startswith(PREFIX):
             raise AdapterError(f"{weights}: key {key!r} lacks PEFT's {PREFIX!r} prefix{_hint(key)}")
-    modules = {path: {kind: shapes[key] for kind, key in kinds.items()}
-               for path, kinds in module_keys(shapes).items()}
+    lora_keys = module_keys(shapes)
+    modules = {path: {kind: shapes[key] for kind, key in kinds.items()} for path, kinds in lora_keys.items()}
+    integer = [key for kinds in lora_keys.values() for key in kinds.values() if header[key]["dtype"] == "I64"]
+    if integer:
+        raise AdapterError(f"{weights}: LoRA tensor {integer[0]!r} has dtype I64; LoRA factors are float tensors")
     if not modules:
         raise AdapterError(f"{weights} holds no LoRA tensors (no lora_A / lora_B keys)")
     for path, kinds in modules.items():
@@ -449,7 +455,7 @@ def _expected_shapes(model: nn.Module, config: LoRAConfig) -> dict[str, tuple[in
             out[_key(f"{path}.lora_magnitude_vector")] = shape_b[:1]
     # modules_to_save and bias parameters keep their paths, under base_layer once their module is wrapped.
     targets = set(targets)
-    extra = {n: tuple(p.shape) for n, p in extra_trainable(model, config).items()}
+    extra = {n: tuple(t.shape) for n, t in {**extra_trainable(model, config), **extra_buffers(model, config)}.items()}
     if config.bias == "lora_only":
         extra.update({f"{t}.bias": tuple(b.shape) for t in targets
                       if (b := model.get_submodule(t)._parameters.get("bias")) is not None})

@@ -1,5 +1,6 @@
 """LoRACallback on real Lightning Trainers (CPU, tiny models): training, adapter-only checkpoints, exact
-resume, PEFT export, the optimizer guard, logging, idempotence, weights-only saves, gradient checkpointing."""
+resume, PEFT export, the optimizer guard, logging, idempotence, weights-only saves, gradient checkpointing,
+the best export across resumes, normalization statistics, and the module left plain for other Trainers."""
 
 from __future__ import annotations
 
@@ -9,24 +10,37 @@ import warnings
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from helpers import tiny_gpt2
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lit_models import CausalLM, Classifier, token_loader, trainer_kwargs
 from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import nn
+from torch.utils.data import DataLoader
 
-from lightning_lora import ConfigError, LoRACallback, LoRAConfig, load_lora_checkpoint, lora_layers
+from lightning_lora import (
+    ConfigError,
+    LoRACallback,
+    LoRAConfig,
+    load_adapter,
+    load_lora_checkpoint,
+    lora_layers,
+    unload,
+)
 from lightning_lora.callback import RECORD_KEY
+from lightning_lora.io import adapter_state_dict
 
 peft = pytest.importorskip("peft")
 BATCH = token_loader(batches=1, seed=9).dataset[:2]
 
 
-def fit(module, tmp_path, callbacks, **overrides) -> L.Trainer:
+def fit(module, tmp_path, callbacks, ckpt_path=None, **overrides) -> L.Trainer:
     L.seed_everything(0, verbose=False)
     trainer = L.Trainer(**trainer_kwargs(tmp_path, callbacks=callbacks, **overrides))
-    trainer.fit(module)
+    trainer.fit(module, ckpt_path=ckpt_path)
     return trainer
 
 
@@ -310,3 +324,192 @@ def test_model_built_in_configure_model_and_module_stays_picklable(tmp_path):
     clone.load_state_dict(state)  # frozen keys missing: accepted; LoRA keys: strict
     with pytest.raises(RuntimeError, match="Missing key"):
         clone.load_state_dict(dict(list(state.items())[1:]))
+
+
+class WorseEachEpoch(CausalLM):
+    """Its monitored metric is best after epoch 0 and worse after every later epoch."""
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        self.log("val_metric", torch.tensor(1.0 + self.current_epoch))
+
+
+def assert_best_export(adapter_dir, checkpoint: ModelCheckpoint) -> None:
+    """``adapter_dir/best`` holds exactly the LoRA tensors of ModelCheckpoint's best checkpoint, with its score."""
+    best = load_lora_checkpoint(CausalLM(), checkpoint.best_model_path)
+    expected = adapter_state_dict(best.model)
+    exported = load_file(adapter_dir / "best" / "adapter_model.safetensors")
+    assert exported.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(exported[key], value), key
+    with safe_open(str(adapter_dir / "best" / "adapter_model.safetensors"), "pt") as f:
+        score = float(f.metadata()[f"lightning_lora.{checkpoint.monitor}"])
+    assert score == pytest.approx(float(checkpoint.best_model_score))
+
+
+def test_best_export_is_kept_after_resume(tmp_path):
+    def run(max_epochs, ckpt_path=None) -> ModelCheckpoint:
+        checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val_metric", save_last=True)
+        callback = LoRACallback(r=4, model_attr="model", adapter_dir=tmp_path / "adapter")
+        fit(WorseEachEpoch(), tmp_path, [callback, checkpoint], ckpt_path=ckpt_path, max_epochs=max_epochs)
+        return checkpoint
+
+    run(1)
+    resumed = run(3, ckpt_path=tmp_path / "ckpt" / "last.ckpt")  # epochs 1 and 2 are worse: best stays epoch 0
+    assert resumed.best_model_score == 1.0 and "epoch=0" in resumed.best_model_path
+    assert_best_export(tmp_path / "adapter", resumed)
+
+
+def test_resume_into_another_checkpoint_folder(tmp_path):
+    # A new logger version moves ModelCheckpoint's default folder: Lightning then restores its best_model_path
+    # but not its best_model_score; a second, periodic ModelCheckpoint saves before the monitored one has a score.
+    def run(max_epochs, ckpt_path=None) -> ModelCheckpoint:
+        best = ModelCheckpoint(monitor="val_loss")
+        periodic = ModelCheckpoint(every_n_train_steps=2, filename="periodic-{step}")
+        callback = LoRACallback(r=4, model_attr="model", adapter_dir=tmp_path / "adapter")
+        fit(CausalLM(), tmp_path, [callback, best, periodic], ckpt_path=ckpt_path, max_epochs=max_epochs,
+            logger=CSVLogger(tmp_path))
+        return best
+
+    first = run(1)
+    resumed = run(2, ckpt_path=first.best_model_path)
+    assert resumed.dirpath != first.dirpath and resumed.best_model_path.startswith(resumed.dirpath)
+    assert_best_export(tmp_path / "adapter", resumed)
+
+
+def test_module_is_plain_for_other_trainers_after_fit(tmp_path):
+    module = CausalLM()
+    fit(module, tmp_path, [LoRACallback(r=4, model_attr="model", adapter_dir=tmp_path / "ad")], max_steps=2)
+    assert len(list(lora_layers(module))) == 2  # the adapter stays in the model
+    exported = (tmp_path / "ad" / "last" / "adapter_model.safetensors").read_bytes()
+
+    plain = ModelCheckpoint(dirpath=tmp_path / "plain")  # another Trainer, without LoRACallback
+    fit(module, tmp_path, [plain], max_steps=1)
+    saved = torch.load(plain.best_model_path, weights_only=True)
+    assert set(saved["state_dict"]) == set(module.state_dict()) and RECORD_KEY not in saved
+    assert (tmp_path / "ad" / "last" / "adapter_model.safetensors").read_bytes() == exported
+
+    unload(module.model)  # merged: a plain GPT-2 again, then fully fine-tuned
+    for param in module.parameters():
+        param.requires_grad_(True)
+    merged = ModelCheckpoint(dirpath=tmp_path / "merged")
+    fit(module, tmp_path, [merged], max_steps=1)
+    assert set(torch.load(merged.best_model_path, weights_only=True)["state_dict"]) == set(module.state_dict())
+
+
+class BatchNormNet(L.LightningModule):
+    """Conv and Linear layers with BatchNorm, whose running statistics change in training even when frozen."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                                 nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=0.05)
+
+    def train_dataloader(self) -> DataLoader:
+        x = torch.randn(16, 3, 4, 4, generator=torch.Generator().manual_seed(1)) * 3 + 1
+        return DataLoader(list(zip(x, (x[:, 0, 0, 0] > 1).long())), batch_size=4)
+
+
+BN_TARGETS = ["net.0", "net.4", "net.7"]
+IMAGES = torch.randn(5, 3, 4, 4, generator=torch.Generator().manual_seed(2)) * 3 + 1
+STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def test_norm_statistics_resume_exactly_and_load(tmp_path):
+    def run(name, max_epochs, ckpt_path=None) -> tuple[BatchNormNet, ModelCheckpoint]:
+        module, checkpoint = BatchNormNet(), ModelCheckpoint(dirpath=tmp_path / name)
+        callback = LoRACallback(r=2, alpha=4, target_modules=BN_TARGETS, modules_to_save=["net.5"])
+        fit(module, tmp_path, [callback, checkpoint], ckpt_path=ckpt_path, max_epochs=max_epochs)
+        return module, checkpoint
+
+    # net.1 is outside modules_to_save: the PEFT export cannot carry its statistics
+    with pytest.warns(UserWarning, match=r"1 normalization layer\(s\) outside modules_to_save .*\['net\.1'\]"):
+        whole, whole_ckpt = run("whole", 2)
+    _, part = run("part", 1)
+    resumed, _ = run("resumed", 2, ckpt_path=part.best_model_path)
+
+    assert not torch.equal(whole.net[1].running_mean, BatchNormNet().net[1].running_mean)
+    assert whole.net[1].num_batches_tracked == 8
+    expected, got = whole.state_dict(), resumed.state_dict()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+
+    saved = torch.load(whole_ckpt.best_model_path, weights_only=True)["state_dict"]
+    assert set(saved) == set(trainable(whole)) | {f"net.{i}.{name}" for i in (1, 5) for name in STATS}
+    loaded = load_lora_checkpoint(BatchNormNet(), whole_ckpt.best_model_path).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(IMAGES), whole.eval()(IMAGES))
+
+
+def test_modules_to_save_export_carries_norm_statistics(tmp_path):
+    module = BatchNormNet()
+    callback = LoRACallback(r=2, alpha=4, target_modules=BN_TARGETS, modules_to_save=["net.1", "net.5"],
+                            adapter_dir=tmp_path / "ad")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(module, tmp_path, [callback])
+    assert not [w for w in caught if "normalization layer" in str(w.message)]
+    exported = load_file(tmp_path / "ad" / "last" / "adapter_model.safetensors")
+    for name in STATS:
+        assert torch.equal(exported[f"base_model.model.net.1.{name}"], getattr(module.net[1], name))
+
+    module.eval()
+    ours = BatchNormNet()
+    load_adapter(ours, tmp_path / "ad" / "last")
+    peft_model = peft.PeftModel.from_pretrained(BatchNormNet(), str(tmp_path / "ad" / "last"))
+    with torch.no_grad():
+        expected = module(IMAGES)
+        torch.testing.assert_close(ours.eval()(IMAGES), expected, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(peft_model.eval()(IMAGES), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_noop_check_off_and_negative_refused(tmp_path):
+    for steps in (0, None):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fit(CausalLM(lr=0.0), tmp_path, [LoRACallback(r=4, model_attr="model", noop_check_steps=steps)],
+                max_steps=2)
+        assert not [w for w in caught if "no-op" in str(w.message)], steps
+    with pytest.raises(ConfigError, match=r"noop_check_steps=-1: .*0 or None"):
+        LoRACallback(noop_check_steps=-1)
+
+
+class NestedModel(CausalLM):
+    """The GPT-2 two attributes deep, at ``self.backbone.encoder``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Module()
+        self.backbone.encoder = self.model
+        del self.model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.backbone.encoder(input_ids=input_ids).logits
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        return self.backbone.encoder(input_ids=batch, labels=batch).loss
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        self.log("val_loss", self.backbone.encoder(input_ids=batch, labels=batch).loss)
+
+
+def test_dotted_model_attr(tmp_path):
+    module, checkpoint = NestedModel(), ModelCheckpoint(dirpath=tmp_path / "ckpt")
+    fit(module, tmp_path, [LoRACallback(r=4, model_attr="backbone.encoder"), checkpoint], max_steps=2)
+    assert len(list(lora_layers(module.backbone.encoder))) == 2 and all_b_nonzero(module)
+    loaded = load_lora_checkpoint(NestedModel(), checkpoint.best_model_path).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(BATCH), module.eval()(BATCH))
+    with pytest.raises(ConfigError, match=r"model_attr='backbone\.decoder': NestedModel\.backbone has no attribute "
+                                          r"'decoder'"):
+        LoRACallback(model_attr="backbone.decoder").apply(NestedModel())

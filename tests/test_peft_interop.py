@@ -203,3 +203,23 @@ def test_peft_saved_embedding_base_weight_refused_on_a_4bit_base(adapter_path):
     with pytest.raises(AdapterError, match=r"lm_head.base_layer.weight.*4-bit.*full-precision base"):
         load_adapter(model, adapter_path)
     assert_same_state(model, before)
+
+
+def test_peft_saved_batchnorm_statistics_load_in_ours(adapter_path):
+    # PEFT saves a modules_to_save module's whole state_dict: BatchNorm's running statistics and its int64
+    # num_batches_tracked come along.
+    def build() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                   torch.nn.Flatten(), torch.nn.Linear(64, 4))
+
+    peft_model = peft.get_peft_model(build(), peft.LoraConfig(r=2, target_modules=["0", "4"], modules_to_save=["1"],
+                                                              init_lora_weights=False))
+    peft_model.train()(torch.randn(8, 3, 4, 4) * 3 + 1)  # moves the running statistics
+    peft_model.save_pretrained(adapter_path)
+    x = torch.randn(2, 3, 4, 4)
+    model = build()
+    load_adapter(model, adapter_path)
+    assert model[1].num_batches_tracked == 1
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), peft_model.eval()(x), atol=1e-5, rtol=0)
