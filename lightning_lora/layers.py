@@ -13,6 +13,7 @@ the key mapping in `io.py` stays a one-line rule.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 
@@ -225,7 +226,7 @@ class LoRALinear(LoRALayer):
 
     def delta_weight(self, name: str) -> torch.Tensor:
         a, b = self.lora_a[name], self.lora_b[name]
-        delta = (b.float() @ a.float()) * self.scaling[name]
+        delta = (_wide(b) @ _wide(a)) * self.scaling[name]
         return delta.t() if self.fan_in_fan_out else delta
 
     # -- DoRA -----------------------------------------------------------------------------------------------
@@ -286,7 +287,7 @@ class LoRALinear(LoRALayer):
     def _merge_one(self, name: str) -> None:
         if name not in self.lora_magnitude_vector:
             return super()._merge_one(name)
-        g = self.dora_scale(name).float()  # from the unmerged weight, as forward computes it
+        g = _wide(self.dora_scale(name))  # from the unmerged weight, as forward computes it
         self._dora_merged_scale[name] = g
         weight = self.weight
         weight.add_(self.delta_weight(name).to(weight.dtype)).mul_(self._per_output(g).to(weight.dtype))
@@ -372,7 +373,7 @@ class LoRAEmbedding(LoRALayer):
 
     def delta_weight(self, name: str) -> torch.Tensor:
         a, b = self.lora_a[name], self.lora_b[name]
-        return (b.float() @ a.float()).t() * self.scaling[name]
+        return (_wide(b) @ _wide(a)).t() * self.scaling[name]
 
     def _lora_output(self, x: torch.Tensor, name: str, base_out: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
@@ -399,7 +400,7 @@ class LoRAConv(LoRALayer):
         return (r, in_ch, *kernel), (out_ch, r, *([1] * len(kernel)))
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        a, b = self.lora_a[name].float(), self.lora_b[name].float()
+        a, b = _wide(self.lora_a[name]), _wide(self.lora_b[name])
         # conv(A^T, B) composes the two convolutions into one kernel: [in, out, *k] -> [out, in, *k].
         return self._conv(a.transpose(0, 1), b).transpose(0, 1) * self.scaling[name]
 
@@ -426,35 +427,44 @@ class _LoRALinearFunction(torch.autograd.Function):
 
     With dropout the LoRA branch reads ``x_lora`` (x after dropout, made outside by ``F.dropout``) and the
     backward returns its gradient separately; without, ``x_lora`` is None and ``dx`` is one accumulated GEMM.
+    A backward that must itself be differentiable (``create_graph=True``) is the formula's, see `_differentiated`.
     """
 
     @staticmethod
     def forward(ctx, x, x_lora, weight, bias, lora_a, lora_b, scaling: float, fan_in_fan_out: bool):
-        out, x2, xl2, xa = _fused_forward(x, x_lora, weight, bias, lora_a, lora_b, scaling, fan_in_fan_out)
-        need_w = ctx.needs_input_grad[2]  # only when a user unfroze the base weight
-        ctx.save_for_backward(xl2, xa, weight, lora_a, lora_b, x2 if need_w else None)
+        out, _, _, xa = _fused_forward(x, x_lora, weight, bias, lora_a, lora_b, scaling, fan_in_fan_out)
+        need_x_value = x_lora is None or ctx.needs_input_grad[2]  # the LoRA input, or a user unfroze the weight
+        ctx.save_for_backward(x if need_x_value else None, x_lora, xa, weight, lora_a, lora_b)
         ctx.scaling, ctx.fan_in_fan_out, ctx.x_shape = scaling, fan_in_fan_out, x.shape
-        ctx.shared_input = x_lora is None
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        xl2, xa, weight, lora_a, lora_b, x2 = ctx.saved_tensors
-        dy = grad_out.reshape(-1, grad_out.shape[-1])
+        x, x_lora, xa, weight, lora_a, lora_b = ctx.saved_tensors
         need_x, need_xl, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:6]
-        dxa_t, grad_a, grad_b = _lora_grads(dy, xl2, xa, lora_a, lora_b, ctx.scaling, need_a, need_b)
+        dy = grad_out.reshape(-1, grad_out.shape[-1])
         w = weight.t() if ctx.fan_in_fan_out else weight  # [out, in]
-        grad_x = grad_xl = grad_w = grad_bias = None
-        if ctx.shared_input and need_x:
-            grad_x = (dxa_t.t() @ lora_a).addmm_(dy, w).view(ctx.x_shape)
-        elif need_x:
-            grad_x = (dy @ w).view(ctx.x_shape)
-        if need_xl:
-            grad_xl = (dxa_t.t() @ lora_a).view(ctx.x_shape)
-        if need_w:
-            grad_w = x2.t() @ dy if ctx.fan_in_fan_out else dy.t() @ x2
-        if need_bias:
-            grad_bias = dy.sum(0)
+        x2 = None if x is None else x.reshape(-1, x.shape[-1])
+        if torch.is_grad_enabled():  # create_graph=True: see `_differentiated`
+            lora = functools.partial(_product_formula, scaling=ctx.scaling)
+            lora_in, need_in = (x, need_x) if x_lora is None else (x_lora, need_xl)
+            grad_in, grad_a, grad_b = _differentiated(lora, (lora_in, lora_a, lora_b), (need_in, need_a, need_b),
+                                                      grad_out)
+            grad_x = (dy @ w).view(ctx.x_shape) if need_x else None
+            grad_x = grad_x + grad_in if x_lora is None and need_x else grad_x
+            grad_xl = grad_in if x_lora is not None else None
+        else:
+            xl2 = x2 if x_lora is None else x_lora.reshape(-1, x_lora.shape[-1])
+            dxa_t, grad_a, grad_b = _lora_grads(dy, xl2, xa, lora_a, lora_b, ctx.scaling, need_a, need_b)
+            grad_x = grad_xl = None
+            if x_lora is None and need_x:
+                grad_x = (dxa_t.t() @ lora_a).addmm_(dy, w).view(ctx.x_shape)
+            elif need_x:
+                grad_x = (dy @ w).view(ctx.x_shape)
+            if need_xl:
+                grad_xl = (dxa_t.t() @ lora_a).view(ctx.x_shape)
+        grad_w = (x2.t() @ dy if ctx.fan_in_fan_out else dy.t() @ x2) if need_w else None
+        grad_bias = dy.sum(0) if need_bias else None
         return grad_x, grad_xl, grad_w, grad_bias, grad_a, grad_b, None, None
 
 
@@ -467,16 +477,19 @@ class _LoRAProduct(torch.autograd.Function):
     def forward(ctx, x, lora_a, lora_b, scaling: float):
         x2 = x.reshape(-1, x.shape[-1])
         xa = x2 @ lora_a.t()
-        ctx.save_for_backward(x2, xa, lora_a, lora_b)
-        ctx.scaling, ctx.x_shape = scaling, x.shape
+        ctx.save_for_backward(x, xa, lora_a, lora_b)
+        ctx.scaling = scaling
         return (xa @ (lora_b.t() * scaling)).view(*x.shape[:-1], lora_b.shape[0])
 
     @staticmethod
     def backward(ctx, grad_out):
-        x2, xa, lora_a, lora_b = ctx.saved_tensors
-        dy = grad_out.reshape(-1, grad_out.shape[-1])
+        x, xa, lora_a, lora_b = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            formula = functools.partial(_product_formula, scaling=ctx.scaling)
+            return *_differentiated(formula, (x, lora_a, lora_b), ctx.needs_input_grad[:3], grad_out), None
+        x2, dy = x.reshape(-1, x.shape[-1]), grad_out.reshape(-1, grad_out.shape[-1])
         dxa_t, grad_a, grad_b = _lora_grads(dy, x2, xa, lora_a, lora_b, ctx.scaling, *ctx.needs_input_grad[1:3])
-        grad_x = (dxa_t.t() @ lora_a).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        grad_x = (dxa_t.t() @ lora_a).view(x.shape) if ctx.needs_input_grad[0] else None
         return grad_x, grad_a, grad_b, None
 
 
@@ -491,6 +504,21 @@ def _fused_forward(x, x_lora, weight, bias, lora_a, lora_b, scaling: float, fan_
     out = torch.addmm(bias, xa, lora_bt, alpha=scaling) if bias is not None else xa @ (lora_bt * scaling)
     out.addmm_(x2, weight if fan_in_fan_out else weight.t())
     return out.view(*x.shape[:-1], out.shape[-1]), x2, xl2, xa
+
+
+def _product_formula(x, lora_a, lora_b, scaling: float):
+    """`_LoRAProduct`'s ``s (x A^T) B^T`` in plain differentiable ops."""
+    return F.linear(F.linear(x, lora_a), lora_b) * scaling
+
+
+def _differentiated(formula, inputs: tuple, needs: tuple, grad_out: torch.Tensor) -> tuple:
+    """The gradients of ``formula(*inputs)`` (for the inputs that `needs` marks) as autograd's own ops, when a
+    fused function's backward must itself be differentiable (``create_graph=True``: Hessian-vector products,
+    gradient penalties): what the fused forward saved (``x A^T``) would be a constant there, and the second
+    derivatives through it silently lost. (The base term's gradients are linear in ``dy``: written directly.)"""
+    wanted = [t for t, need in zip(inputs, needs) if need]
+    grads = iter(torch.autograd.grad(formula(*inputs), wanted, grad_out, create_graph=True))
+    return tuple(next(grads) if need else None for need in needs)
 
 
 def _lora_grads(dy, x2, xa, lora_a, lora_b, scaling: float, need_a: bool, need_b: bool):
@@ -510,32 +538,42 @@ def lora_linear(
 
     `weight` is ``[out, in]`` (``[in, out]`` when `fan_in_fan_out`), `lora_a` ``[r, in]``, `lora_b` ``[out, r]``;
     `x_lora` is the LoRA branch's input (`x` after dropout), None for `x` itself. With nothing to differentiate
-    (``no_grad``, ``inference_mode``, frozen adapters) the same arithmetic runs without the autograd function.
+    (``no_grad``, ``inference_mode``, frozen adapters) or under ``torch.func`` transforms the same arithmetic
+    runs without the autograd function.
     """
-    if _needs_grad(lora_a, lora_b, x, x_lora, weight, bias):
+    if _use_function(lora_a, lora_b, x, x_lora, weight, bias):
         return _LoRALinearFunction.apply(x, x_lora, weight, bias, lora_a, lora_b, scaling, fan_in_fan_out)
     return _fused_forward(x, x_lora, weight, bias, lora_a, lora_b, scaling, fan_in_fan_out)[0]
 
 
 def _lora_product(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
     """``s (x A^T) B^T``: `_LoRAProduct`, or without anything to differentiate the same product without it."""
-    if _needs_grad(lora_a, lora_b, x):
+    if _use_function(lora_a, lora_b, x):
         return _LoRAProduct.apply(x, lora_a, lora_b, scaling)
     return (x @ lora_a.t()) @ (lora_b.t() * scaling)  # the function's GEMMs; matmul folds x's leading dims
 
 
 def _scale_outputs(u: torch.Tensor, g: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``u * g + bias``: `_ScaleOutputs`, or without anything to differentiate the same arithmetic without it."""
-    if _needs_grad(g, u, bias):
+    if _use_function(g, u, bias):
         return _ScaleOutputs.apply(u, g, bias)
     return torch.addcmul(bias, u, g) if bias is not None else u * g
 
 
-def _needs_grad(*tensors: torch.Tensor | None) -> bool:
-    """Whether autograd must see this call. When not (``no_grad``, ``inference_mode``, frozen adapters: inference
-    and evaluation) the fused functions run their arithmetic without ``autograd.Function.apply``, about 8 us per
-    call, most of a small layer's cost. Pass the adapters first: in training the check stops there."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+def _use_function(*tensors: torch.Tensor | None) -> bool:
+    """Whether to run the fused autograd function: when autograd must see this call, outside ``torch.func``
+    transforms. Otherwise the same arithmetic runs in plain ops: without anything to differentiate (``no_grad``,
+    ``inference_mode``, frozen adapters: inference and evaluation) that saves ``autograd.Function.apply``, about
+    8 us per call, most of a small layer's cost; under ``torch.func.grad`` / ``vmap`` (per-sample gradients)
+    functorch differentiates and batches the plain ops itself. Pass the adapters first: in training the check
+    stops there."""
+    return (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+            and not torch._C._are_functorch_transforms_active())
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """`t` in fp32 at least: low-precision adapters merge in fp32, fp64 ones stay fp64."""
+    return _cast(t, torch.promote_types(t.dtype, torch.float32))
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -238,3 +238,105 @@ def test_wrapped_layers_expose_the_base_weight_and_bias():
     assert conv.weight is conv.base_layer.weight and conv.bias is conv.base_layer.bias
     with pytest.raises(AttributeError, match="has no setter"):
         wte.weight = torch.zeros(64, 32)
+
+
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+@pytest.mark.parametrize("dropout", [False, True])
+@pytest.mark.parametrize("frozen", [False, True])
+def test_fused_functions_have_exact_second_derivatives(fan_in_fan_out, dropout, frozen):
+    """Hessian-vector products and gradient penalties differentiate the backward itself (``create_graph=True``):
+    the fused functions' second derivatives equal the formula's (`gradgradcheck`, float64, every input; with
+    the base weight and bias frozen too, when the forward keeps less)."""
+    from lightning_lora.layers import _LoRAProduct
+
+    g = torch.Generator().manual_seed(0)
+    x, w, bias = (torch.randn(*s, dtype=torch.float64, generator=g) for s in ((2, 3, 5), (4, 5), (4,)))
+    a, b = torch.randn(2, 5, dtype=torch.float64, generator=g), torch.randn(4, 2, dtype=torch.float64, generator=g)
+    w = w.t().contiguous() if fan_in_fan_out else w
+    x_lora = x * 0.5 if dropout else None  # a stand-in for x after dropout: another tensor for the LoRA branch
+    inputs = [t.requires_grad_(not (frozen and (t is w or t is bias))) for t in (x, w, bias, a, b)]
+
+    def fused(x, w, bias, a, b):
+        return lora_linear(x, w, bias, a, b, 1.5, fan_in_fan_out, None if x_lora is None else x * 0.5)
+
+    assert torch.autograd.gradgradcheck(fused, inputs)
+    assert torch.autograd.gradgradcheck(lambda x, a, b: _LoRAProduct.apply(x, a, b, 1.5), [x, a, b])
+
+
+def test_hessian_vector_product_through_a_layer_equals_the_formula():
+    """The adapter's Hessian-vector product (the second derivatives through ``x A^T``, which the fused forward
+    keeps for its backward), on the fused path and on the general path (two active adapters)."""
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(6, 5)).double()
+    layer.add_adapter("default", 3, 2.0)
+    layer.add_adapter("other", 2, 1.0)
+    for name in ("default", "other"):
+        _randomize_b(layer, name)
+    layer.double().requires_grad_(False)
+    x = torch.randn(4, 6, dtype=torch.float64)
+
+    def hvp(active):
+        layer.active_adapters = active
+        params = [p.requires_grad_() for n in active for p in (layer.lora_a[n], layer.lora_b[n])]
+        grads = torch.autograd.grad(layer(x).pow(2).sum(), params, create_graph=True)
+        vec = [torch.ones_like(p) for p in params]
+        out = torch.autograd.grad(grads, params, vec)
+        for p in params:
+            p.requires_grad_(False)
+        return out
+
+    def formula_hvp(active):
+        params = [p.detach().clone().requires_grad_() for n in active for p in (layer.lora_a[n], layer.lora_b[n])]
+        y = layer.base_layer(x) + sum(layer.scaling[n] * (x @ params[2 * i].t()) @ params[2 * i + 1].t()
+                                      for i, n in enumerate(active))
+        grads = torch.autograd.grad(y.pow(2).sum(), params, create_graph=True)
+        return torch.autograd.grad(grads, params, [torch.ones_like(p) for p in params])
+
+    for active in (["default"], ["default", "other"]):
+        for got, want in zip(hvp(active), formula_hvp(active), strict=True):
+            assert torch.allclose(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["linear", "dora", "embedding", "conv2d"])
+def test_float64_adapters_merge_in_float64(kind):
+    torch.manual_seed(0)
+    base = {"linear": nn.Linear(8, 6), "dora": nn.Linear(8, 6), "embedding": nn.Embedding(10, 6),
+            "conv2d": nn.Conv2d(3, 4, 3, padding=1)}[kind].double()
+    layer = {"embedding": LoRAEmbedding, "conv2d": LoRAConv}.get(kind, LoRALinear)(base)
+    layer.add_adapter("default", 2, 2.0, use_dora=kind == "dora")
+    _randomize_b(layer)
+    x = {"embedding": torch.randint(0, 10, (3, 4)), "conv2d": torch.randn(2, 3, 5, 5, dtype=torch.float64)}.get(
+        kind, torch.randn(3, 8, dtype=torch.float64))
+    with torch.no_grad():
+        want = layer(x)
+        layer.merge()
+        got = layer(x)
+    assert got.dtype == torch.float64
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)  # rounding the update to float32: ~1e-7
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_torch_func_per_sample_gradients(use_dora):
+    """``vmap(grad(...))`` over an injected model (per-sample gradients, as for DP-SGD) equals one ordinary
+    backward per sample; the fused autograd functions cannot run under torch.func, the plain arithmetic does."""
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    inject(model, LoRAConfig(r=2, alpha=4, target_modules=["0", "2"], use_dora=use_dora))
+    for _, layer in model.named_modules():
+        if isinstance(layer, LoRALinear):
+            _randomize_b(layer)
+    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+    x = torch.randn(4, 6)
+
+    def loss(p, xi):
+        return functional_call(model, p, (xi,)).pow(2).sum()
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0))(params, x[:, None])
+    for i in range(len(x)):
+        model.zero_grad()
+        model(x[i:i + 1]).pow(2).sum().backward()
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                assert torch.allclose(per_sample[name][i], p.grad, **TOL), name
