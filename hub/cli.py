@@ -167,6 +167,8 @@ def combine(
 ) -> None:
     """Build one adapter from several trained on the same base."""
     adapters, weights = _adapters_and_weights(adapters, weights)
+    if out.exists() and any(out.iterdir()):
+        raise HubError(f"{out} already exists and is not empty; choose another --out or delete it")
     with _transfer(f"reading {len(adapters)} adapters"):
         inputs = [api.info(a, endpoint=endpoint) for a in adapters]
     result = combine_adapters(inputs, weights or [1 / len(inputs)] * len(inputs), method=method, r=r)

@@ -15,7 +15,7 @@ from pathlib import Path
 from lightning_lora import load_adapter, unload
 from lightning_lora.card import AUTO_CLASS
 from lightning_lora.config import ConfigError
-from lightning_lora.io import AdapterError, AdapterInfo
+from lightning_lora.io import META, AdapterError, AdapterInfo
 
 from .errors import HubError, InvalidAdapter
 
@@ -74,10 +74,10 @@ def _load_base(base_dir: Path, info: AdapterInfo):
 
     try:
         config = transformers.AutoConfig.from_pretrained(base_dir)
-        # The adapter's task decides the head (a sentence encoder's folder may name only its bare `BertModel`).
+        # The adapter's task (else the class it was trained on) decides the head: a base folder may name another.
         arch = (getattr(config, "architectures", None) or [None])[0]
-        task_class = AUTO_CLASS.get(info.config.task_type or "")
-        cls = getattr(transformers, task_class or arch or "", None) or transformers.AutoModel
+        trained_on = AUTO_CLASS.get(info.config.task_type or "") or info.metadata.get(META + "architecture")
+        cls = getattr(transformers, trained_on or arch or "", None) or transformers.AutoModel
         model = cls.from_pretrained(base_dir, dtype=torch.float32, use_safetensors=True).eval()
     except (OSError, ValueError) as err:
         if not any(base_dir.glob("*.safetensors")) and any(base_dir.glob("*.bin")):

@@ -29,6 +29,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
@@ -36,7 +37,7 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from .config import ConfigError, LoRAConfig
 from .inject import adapter_configs, extra_buffers, inject, lora_layers
-from .io import WRAPPER_SEGMENTS, atomic_write, fingerprint, remove_stale_temps, save_adapter
+from .io import WRAPPER_SEGMENTS, architecture, atomic_write, fingerprint, remove_stale_temps, save_adapter
 from .summary import LoRASummary, summarize
 
 #: Where the primitive-only record of the LoRA config and base fingerprint lives in a `.ckpt`.
@@ -125,6 +126,7 @@ class LoRACallback(Callback):
         self._noop_checked = False
         # "last": global step, "best": ModelCheckpoint's (monitor, path, score) of the last export
         self._exported: dict[str, Any] = {}
+        self._step_epoch: int | None = None  # the epoch of the last training step (Lightning's, from 0)
 
     # -- public --------------------------------------------------------------------------------------------
     def apply(self, module: nn.Module) -> LoRASummary:
@@ -161,6 +163,14 @@ class LoRACallback(Callback):
         if is_overridden("configure_model", pl_module):
             _chain(pl_module, "configure_model", self, "_after_configure_model")  # the model is built there
         else:
+            if stage == "fit" and isinstance(trainer.strategy.launcher, _MultiProcessingLauncher) and \
+                    not adapter_configs(self._target(pl_module)):
+                raise ConfigError(
+                    f"strategy {type(trainer.strategy).__name__} with start method "
+                    f"{trainer.strategy.launcher._start_method!r} trains copies of the module in new processes "
+                    f"and hands back only the tensors the module had before fit, so an adapter injected there "
+                    f"would be lost: call lora_callback.apply(module) before trainer.fit, or use strategy='ddp'"
+                )
             self._prepare(trainer, pl_module)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -182,7 +192,9 @@ class LoRACallback(Callback):
         for logger in trainer.loggers:
             logger.log_hyperparams({**summary.metrics(), "lora/r": config.r, "lora/alpha": config.alpha})
         _warn_unexported_statistics(self._target(pl_module), config)
-        self._noop_checked = False
+        if self.model_attr is None:
+            _warn_wrapped_transformers_model(pl_module)
+        self._noop_checked, self._step_epoch = False, None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Every checkpoint restore is done by now. A best that ModelCheckpoint restored (or kept from an earlier
@@ -191,6 +203,7 @@ class LoRACallback(Callback):
         self._exported["best"] = _best_checkpoint(trainer)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self._step_epoch = trainer.current_epoch  # by on_train_end Lightning has counted that epoch as done
         if self._noop_checked or not self.noop_check_steps or trainer.global_step < self.noop_check_steps:
             return
         self._noop_checked = True
@@ -215,8 +228,9 @@ class LoRACallback(Callback):
             self._export_checkpoint(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.adapter_dir is not None:
+        if self.adapter_dir is not None and self._exported.get("last") != trainer.global_step:
             self._export(trainer, pl_module, "last", _current_metric(trainer))
+            self._exported["last"] = trainer.global_step
 
     # -- internals -----------------------------------------------------------------------------------------
     def _target(self, module: nn.Module) -> nn.Module:
@@ -291,11 +305,13 @@ class LoRACallback(Callback):
         base_model = config.base_model or getattr(getattr(target, "config", None), "_name_or_path", None) or None
         figures: dict[str, Any] = {
             "trainable_params": summary.trainable, "total_params": summary.total,
-            "trainable_ratio": summary.ratio, "global_step": trainer.global_step, "epoch": trainer.current_epoch,
+            "trainable_ratio": summary.ratio, "global_step": trainer.global_step,
+            "epoch": trainer.current_epoch if self._step_epoch is None else self._step_epoch,
         }
         if metric is not None:
             figures[metric[0]] = metric[1]
-        card = render_card(config.replace(base_model=base_model), metrics=figures, extra=_versions_markdown())
+        card = render_card(config.replace(base_model=base_model), metrics=figures, extra=_versions_markdown(),
+                           architecture=architecture(target))
         save_adapter(target, self.adapter_dir / name, base_model=base_model, metadata=figures, card=card)
 
     def _write_dirs(self, trainer: pl.Trainer) -> list[Path]:
@@ -426,6 +442,18 @@ def _warn_unexported_statistics(target: nn.Module, config: LoRAConfig) -> None:
             f"the adapter-only checkpoints keep them, but the PEFT export cannot, so an exported adapter would "
             f"run with the base model's statistics: add them to modules_to_save."
         )
+
+
+def _warn_wrapped_transformers_model(pl_module: pl.LightningModule) -> None:
+    """Without `model_attr` the export's keys start at the LightningModule (``base_model.model.model.model...``
+    for a transformers model in ``self.model``): PEFT and transformers, loading it onto that model, would find
+    none of its keys and run the bare base."""
+    name = next((n for n, m in pl_module.named_children() if hasattr(m, "config") and hasattr(m, "save_pretrained")),
+                None)
+    if name is not None:
+        rank_zero_warn(f"LoRA: the LightningModule holds a transformers model in `self.{name}`; set "
+                       f"LoRACallback(model_attr={name!r}) so that the PEFT export loads onto that model (without it "
+                       f"the export's keys start at the LightningModule and PEFT or transformers would load none)")
 
 
 def _fsdp_root(trainer: pl.Trainer) -> nn.Module | None:

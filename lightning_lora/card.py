@@ -15,7 +15,7 @@ from .config import LoRAConfig
 from .io import META, AdapterInfo
 
 #: Header metadata that describes the file, not the training run.
-_NOT_METRICS = {"version", "fingerprint", "base_model"}
+_NOT_METRICS = {"version", "fingerprint", "base_model", "architecture"}
 #: The transformers auto class that loads a base model for each PEFT task type (the card's usage snippet, the
 #: hub's merge).
 AUTO_CLASS = {
@@ -34,6 +34,7 @@ def render_card(
     metrics: Mapping[str, object] | None = None,
     versions: Sequence[Mapping[str, str]] | None = None,
     extra: str | None = None,
+    architecture: str | None = None,
 ) -> str:
     """The README.md text for an adapter.
 
@@ -46,6 +47,9 @@ def render_card(
         versions: rows for the versions table, newest first, each with keys among
             ``version, commit, date, message`` (missing keys render empty).
         extra: free markdown appended at the end.
+        architecture: the base model's transformers class, for the usage snippet when the task type names no
+            auto class (a bare encoder); default: the adapter's, from its header. Without either the snippet
+            shows only `lora-hub pull`.
     """
     info = adapter if isinstance(adapter, AdapterInfo) else None
     config = info.config if info else adapter
@@ -65,7 +69,8 @@ def render_card(
         body += _table("Training metrics", ("metric", "value"), [(k, _fmt(v)) for k, v in sorted(metrics.items())])
     if versions:
         body += _table("Versions", _VERSION_COLUMNS, [[row.get(c, "") for c in _VERSION_COLUMNS] for row in versions])
-    body += _usage(config, base_model, repo_id, versions)
+    architecture = architecture or (info.metadata.get(META + "architecture") if info else None)
+    body += _usage(config, base_model, repo_id, versions, AUTO_CLASS.get(config.task_type or "") or architecture)
     if extra:
         body += [extra.rstrip(), ""]
     return "\n".join(front + body).rstrip() + "\n"
@@ -91,20 +96,22 @@ def _config_rows(config: LoRAConfig, info: AdapterInfo | None) -> list[tuple[str
 
 
 def _usage(config: LoRAConfig, base_model: str | None, repo_id: str | None,
-           versions: Sequence[Mapping[str, str]] | None) -> list[str]:
+           versions: Sequence[Mapping[str, str]] | None, model_class: str | None) -> list[str]:
     if not (base_model and repo_id):
         return []
-    auto = AUTO_CLASS.get(config.task_type or "", "AutoModelForCausalLM")
     latest = versions[0].get("version") if versions else None
     revision = f', revision="v{latest}"' if latest else ""
+    pull = f"`lora-hub pull {repo_id}{'@^' + latest if latest else ''}`"
+    if model_class is None:  # a guessed class would load a base the adapter's keys miss: PEFT runs it as a no-op
+        return ["## Usage", "", f"{pull}, then load it onto the model it was trained on.", ""]
     return [
         "## Usage", "", "```python",
         "from peft import PeftModel",
-        f"from transformers import {auto}", "",
-        f"base = {auto}.from_pretrained({json.dumps(base_model)})",
+        f"from transformers import {model_class}", "",
+        f"base = {model_class}.from_pretrained({json.dumps(base_model)})",
         f"model = PeftModel.from_pretrained(base, {json.dumps(repo_id)}{revision})",
         "```", "",
-        f"or `lora-hub pull {repo_id}{'@^' + latest if latest else ''}`.", "",
+        f"or {pull}.", "",
     ]
 
 

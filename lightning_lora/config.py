@@ -1,5 +1,6 @@
 """`LoRAConfig`: what to adapt and how, validated on construction, and its mapping to PEFT's
-`adapter_config.json` (the only config format we write, so PEFT, transformers and vLLM read it unchanged)."""
+`adapter_config.json` (the only config format we write, so PEFT, transformers and vLLM read it unchanged; vLLM
+takes neither modules_to_save nor DoRA)."""
 
 from __future__ import annotations
 

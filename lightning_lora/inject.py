@@ -111,6 +111,7 @@ def inject(
         return summarize(model)
     _check_beside(registry, config, adapter_name)
     targets = find_targets(model, config)
+    _check_saved_not_tied(model, config)
     if any(isinstance(m, LoRALayer) and m.merged_adapters for _, m in lora_layers(model)):
         raise RuntimeError("the model has merged adapters; unmerge(model) before injecting another adapter")
     if config.use_dora:
@@ -238,11 +239,36 @@ def extra_buffers(model: nn.Module, config: LoRAConfig) -> dict[str, torch.Tenso
     return out
 
 
-def _check_not_shared(model: nn.Module) -> None:
-    """Refuse to fold an update into a weight another module shares (tied embeddings): it would change both."""
+def _owners(model: nn.Module) -> dict[int, list[str]]:
+    """Every name of each parameter of `model`, by the parameter's id (tied weights have several)."""
     owners: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(param), []).append(name)
+    return owners
+
+
+def _check_saved_not_tied(model: nn.Module, config: LoRAConfig) -> None:
+    """Refuse a module to save whose weight another module shares (GPT-2's ``lm_head`` and ``wte``): training it
+    changes both, but the adapter would carry it under one name only, so PEFT would load it wrong."""
+    if not config.modules_to_save:
+        return
+    owners = _owners(model)
+    for path, module in model.named_modules():
+        if not is_saved_module(config.modules_to_save, path):
+            continue
+        for name, param in module.named_parameters():
+            others = [o for o in owners[id(param)] if not o.startswith(path + ".")]
+            if others:
+                raise ConfigError(
+                    f"modules_to_save {path!r}: {path}.{name} is the same tensor as {', '.join(others)} (tied "
+                    f"weights); training it would change both while the adapter saves one, so PEFT and "
+                    f"transformers would load it wrong. Leave {path!r} out, or untie the weights first"
+                )
+
+
+def _check_not_shared(model: nn.Module) -> None:
+    """Refuse to fold an update into a weight another module shares (tied embeddings): it would change both."""
+    owners = _owners(model)
     for path, layer in lora_layers(model):
         names = owners.get(id(layer.weight), [])
         if len(names) > 1 and layer.active_adapters and not layer.merged_adapters:

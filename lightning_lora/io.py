@@ -71,7 +71,7 @@ class AdapterInfo:
     path: Path
     config: LoRAConfig
     base_model: str | None
-    num_params: int
+    num_params: int  # trainable values: not the full base weights PEFT may store, nor normalization statistics
     size_bytes: int
     shapes: dict[str, tuple[int, ...]]
     metadata: dict[str, str] = field(default_factory=dict)
@@ -159,6 +159,8 @@ def save_adapter(
         leaves = {path.rsplit(".", 1)[-1] for path, layer in lora_layers(model) if adapter_name in layer.lora_a}
         config = config.replace(target_modules=sorted(leaves))
     tensors = adapter_state_dict(model, adapter_name)
+    arch = architecture(model)
+    metadata = {**({"architecture": arch} if arch else {}), **(metadata or {})}
     return write_adapter(adapter_dir(directory, adapter_name), tensors, config, fingerprint(model, adapter_name),
                          metadata, card)
 
@@ -294,7 +296,7 @@ def validate_adapter(directory: str | os.PathLike) -> AdapterInfo:
         path=directory,
         config=config,
         base_model=config.base_model or metadata.get(META + "base_model"),
-        num_params=sum(math.prod(s) for s in shapes.values()),
+        num_params=sum(math.prod(s) for k, s in shapes.items() if not _NOT_TRAINED.search(k)),
         size_bytes=size,
         shapes=shapes,
         metadata=metadata,
@@ -361,6 +363,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
 
 
 #: PEFT's task type for a transformers head class, by class-name suffix: loaders pick the head from it.
+#: Keys of tensors an adapter file may carry that training did not produce: the full base weight PEFT saves with
+#: a targeted embedding layer, the running statistics of a normalization layer in modules_to_save.
+_NOT_TRAINED = re.compile(r"\.(base_layer\.weight|running_mean|running_var|num_batches_tracked)$")
 #: The heads PEFT's task classes add to modules_to_save (peft_model.py: PeftModelForSequenceClassification, ...).
 _PEFT_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"], "QUESTION_ANS": ["qa_outputs"]}
 _TASK_BY_SUFFIX = {"ForCausalLM": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS",
@@ -529,6 +534,12 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
         if not torch.isfinite(tensor).all():
             raise AdapterError(f"{path}: tensor {key} holds NaN or Inf values; refusing to load a diverged adapter")
     return tensors
+
+
+def architecture(model: nn.Module) -> str | None:
+    """The transformers class of `model` (``"BertModel"``, ``"LlamaForCausalLM"``): what loads the base for this
+    adapter when its task type names no auto class. None for a model that is not from transformers."""
+    return type(model).__name__ if type(model).__module__.startswith("transformers.") else None
 
 
 def _name_or_path(model: nn.Module) -> str | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -513,3 +514,33 @@ def test_dotted_model_attr(tmp_path):
     with pytest.raises(ConfigError, match=r"model_attr='backbone\.decoder': NestedModel\.backbone has no attribute "
                                           r"'decoder'"):
         LoRACallback(model_attr="backbone.decoder").apply(NestedModel())
+
+
+def test_last_export_records_the_epoch_of_its_step(tmp_path):
+    """Stopped by max_steps in the second epoch (4 batches an epoch): `last` says epoch 1, as the checkpoint of
+    the same step does (on_train_end runs after Lightning has counted that epoch as done)."""
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt")
+    callback = LoRACallback(r=2, model_attr="model", adapter_dir=tmp_path / "ad")
+    fit(CausalLM(), tmp_path, [callback, ckpt], max_epochs=3, max_steps=5)
+    assert Path(ckpt.best_model_path).name == "epoch=1-step=5.ckpt"
+    with safe_open(str(tmp_path / "ad" / "last" / "adapter_model.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert (meta["lightning_lora.epoch"], meta["lightning_lora.global_step"]) == ("1", "5")
+
+
+def test_transformers_model_without_model_attr_warns(tmp_path):
+    with pytest.warns(UserWarning, match=r"holds a transformers model in `self.model`; set "
+                                         r"LoRACallback\(model_attr='model'\)"):
+        fit(CausalLM(), tmp_path, [LoRACallback(r=2, target_modules=["c_attn"])], max_steps=1)
+
+
+def test_spawned_strategy_needs_apply_before_fit(tmp_path):
+    """ddp_spawn trains in a new process and hands back only the tensors the module had: an adapter injected
+    there would vanish from the user's module without a word. Refused; with `apply` first it comes back."""
+    callback = LoRACallback(r=2, model_attr="model")
+    with pytest.raises(Exception, match=r"call lora_callback.apply\(module\) before trainer.fit"):
+        fit(CausalLM(), tmp_path, [callback], strategy="ddp_spawn", max_steps=1)
+    module = CausalLM()
+    callback.apply(module)
+    fit(module, tmp_path, [callback], strategy="ddp_spawn", max_steps=2)
+    assert all_b_nonzero(module)

@@ -16,6 +16,7 @@ from helpers import Relay, saved_adapter, tiny_gpt2
 from typer.testing import CliRunner
 
 from hub.cli import app
+from lightning_lora import validate_adapter
 
 LORA_HUB = str(Path(sys.executable).parent / "lora-hub")
 
@@ -152,3 +153,8 @@ def test_merge_and_argument_errors_are_labelled(tmp_path):
     result = run("combine", tmp_path / "adapter", tmp_path / "adapter", "--out", tmp_path / "c", "--method", "bogus",
                  code=1)
     one_line_error(result, r"^error: invalid arguments: method must be one of")
+    before = sorted(p.name for p in (tmp_path / "adapter").iterdir())
+    result = run("combine", tmp_path / "adapter", tmp_path / "adapter", "--out", tmp_path / "adapter", code=1)
+    one_line_error(result, r"already exists and is not empty; choose another --out or delete it$")
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == before
+    assert validate_adapter(tmp_path / "adapter").config.r == 4  # an input is never overwritten

@@ -328,3 +328,14 @@ def test_nothing_inside_modules_to_save_is_wrapped(adapter_path):
     fresh = build()
     load_adapter(fresh, adapter_path)
     assert torch.allclose(model_output(fresh, batch), model_output(model, batch), **TOL)
+
+
+def test_tied_module_to_save_refused():
+    """GPT-2's lm_head is wte's tensor: trained in place it would change both, saved once, loaded wrong."""
+    model = tiny_gpt2()
+    before = state_snapshot(model)
+    with pytest.raises(ConfigError, match=r"modules_to_save 'lm_head': lm_head.weight is the same tensor as "
+                                          r"transformer.wte.weight \(tied weights\)"):
+        inject(model, LoRAConfig(r=2, target_modules=["c_attn"], modules_to_save=["lm_head"]))
+    assert_same_state(model, before)
+    assert not list(lora_layers(model))

@@ -189,3 +189,38 @@ def test_save_unknown_adapter_name(adapter_path):
     model, _ = _trained_gpt2()
     with pytest.raises(KeyError, match="no adapter named 'x' to save; the model has \\['default'\\]"):
         save_adapter(model, adapter_path, adapter_name="x")
+
+
+def test_card_usage_names_the_class_that_loads_the_base(adapter_path):
+    """No task type (a bare encoder): the snippet names the class the adapter was trained on, which PEFT then
+    loads it onto with every key found; for a model outside transformers it names none (a guess loads a no-op)."""
+    from transformers import BertConfig, BertModel
+
+    from lightning_lora import render_card
+
+    def encoder():
+        torch.manual_seed(0)
+        return BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                    intermediate_size=64, max_position_embeddings=32)).eval()
+
+    model, batch = encoder(), token_batch()
+    inject(model, LoRAConfig(r=2, target_modules=["query"]))
+    for layer in dict(lora_layers(model)).values():
+        torch.nn.init.normal_(layer.lora_b["default"])  # a trained adapter
+
+    def hidden(m):
+        with torch.no_grad():
+            return m(**batch).last_hidden_state
+    info = validate_adapter(save_adapter(model, adapter_path, base_model="tiny/bert"))
+    card = render_card(info, repo_id="me/encoder")
+    assert info.config.task_type is None and "from transformers import BertModel" in card
+    assert "base = BertModel.from_pretrained" in card and "architecture" not in card
+    peft = pytest.importorskip("peft")
+    loaded = peft.PeftModel.from_pretrained(encoder(), adapter_path).eval()
+    assert torch.allclose(hidden(loaded), hidden(model), atol=1e-5)
+    assert not torch.allclose(hidden(encoder()), hidden(model), atol=1e-3)
+
+    plain = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    inject(plain, LoRAConfig(r=2, target_modules=["0"]))
+    card = render_card(validate_adapter(save_adapter(plain, adapter_path / "plain", base_model="x")), repo_id="me/p")
+    assert "from transformers" not in card and "`lora-hub pull me/p`, then load it onto the model" in card

@@ -28,6 +28,7 @@ from lightning_lora import (
     lora_layers,
     save_adapter,
     summarize,
+    validate_adapter,
 )
 from lightning_lora.io import read_config
 
@@ -169,6 +170,8 @@ def test_peft_saved_embedding_base_weight_loads(target, adapter_path):
     load_adapter(model, adapter_path)
     assert torch.allclose(model_output(model, batch), theirs, atol=1e-5, rtol=0)
     assert torch.equal(model.get_submodule(path).weight, peft_model.base_model.model.get_submodule(path).weight)
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert validate_adapter(adapter_path).num_params == trainable  # the saved base weight is not counted
 
 
 def test_peft_saved_embedding_of_a_resized_vocabulary_needs_a_resized_base(adapter_path):
