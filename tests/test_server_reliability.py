@@ -128,6 +128,13 @@ def _send_half(url: str, head: str, body: bytes) -> None:
         )
 
 
+def _lfs_upload_href(url: str, oid: str, size: int) -> str:
+    """Where the server's LFS batch endpoint says to PUT an object of that sha256 and size."""
+    answer = httpx2.post(f"{url}/{REPO}.git/info/lfs/objects/batch",
+                         json={"operation": "upload", "objects": [{"oid": oid, "size": size}]}).json()
+    return answer["objects"][0]["actions"]["upload"]["href"]
+
+
 def test_client_dying_mid_upload_changes_nothing(hub_server, tmp_path):
     api = HfApi(endpoint=hub_server.url)
     api.create_repo(REPO)
@@ -149,11 +156,7 @@ def test_client_dying_mid_upload_changes_nothing(hub_server, tmp_path):
     )
     _send_half(hub_server.url, f"POST /api/models/{REPO}/commit/main HTTP/1.1", commit)
     oid = hashlib.sha256(content).hexdigest()
-    answer = httpx2.post(
-        f"{hub_server.url}/{REPO}.git/info/lfs/objects/batch",
-        json={"operation": "upload", "objects": [{"oid": oid, "size": len(content)}]},
-    ).json()
-    href = answer["objects"][0]["actions"]["upload"]["href"]
+    href = _lfs_upload_href(hub_server.url, oid, len(content))
     _send_half(hub_server.url, f"PUT {href.removeprefix(hub_server.url)} HTTP/1.1", content)
 
     repo_dir = hub_server.root / "repos" / "model" / "team" / "adapter"
@@ -237,11 +240,7 @@ def test_second_server_on_the_same_root_touches_nothing(hub_server, tmp_path):
     api.create_repo(REPO)
     content = os.urandom(2_000_000)
     oid = hashlib.sha256(content).hexdigest()
-    answer = httpx2.post(
-        f"{hub_server.url}/{REPO}.git/info/lfs/objects/batch",
-        json={"operation": "upload", "objects": [{"oid": oid, "size": len(content)}]},
-    ).json()
-    href = answer["objects"][0]["actions"]["upload"]["href"]
+    href = _lfs_upload_href(hub_server.url, oid, len(content))
     host, port = hub_server.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port))) as sock:
         head = f"PUT {href.removeprefix(hub_server.url)} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(content)}"
