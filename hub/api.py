@@ -35,6 +35,7 @@ from lightning_lora.io import (
     WEIGHTS_NAME,
     AdapterError,
     AdapterInfo,
+    adapter_file,
     atomic_write,
     validate_adapter,
 )
@@ -113,6 +114,7 @@ def push(
     repo_id = check_repo_id(repo_id)
     wanted = version if isinstance(version, Version) or version is None else Version.parse(version)
     info = _validate(adapter_dir)
+    files = _upload_files(Path(adapter_dir))
     api = HfApi(endpoint=endpoint, token=token)
     with _translate(api, repo_id):
         api.create_repo(repo_id, private=private, exist_ok=True)
@@ -128,7 +130,7 @@ def push(
         today = datetime.now(timezone.utc).strftime(_DATE)
         card = render_card(info, repo_id=repo_id, versions=[_row(VersionInfo(new, "", today, title, None))] +
                            [_row(v) for v in reversed(history)])
-        ops = _operations(api, repo_id, head, Path(adapter_dir), card)
+        ops = _operations(api, repo_id, head, files, card)
         commit = api.create_commit(repo_id, ops, commit_message=title, parent_commit=head,
                                    commit_description=f"lora-hub version: {new}\n{_BASE_LINE}{info.base_model or ''}")
     try:
@@ -143,20 +145,29 @@ def push(
     return PushResult(repo_id, new, commit.oid, commit.commit_url)
 
 
-def _operations(api: HfApi, repo_id: str, head: str | None, directory: Path, card: str) -> list:
-    """Add every top-level file of the adapter folder and the card; delete what the last version had beyond.
+def _upload_files(directory: Path) -> list[Path]:
+    """The adapter folder's top-level files to upload: not hidden ones, not the card (generated per push).
 
     Symlinks to files are followed, as huggingface_hub's own upload does: the folder `pull` returns is a cache
-    snapshot whose files are links into its blobs (`validate_adapter` has already checked where the adapter's
-    own files point). A commit never lacks the adapter's two files: InvalidAdapter if they are not among what
-    would be uploaded (removed since validation, or named in another case on a case-insensitive disk).
+    snapshot whose files are links into its blobs; a link pointing anywhere else (say to ~/.netrc) is refused
+    (`adapter_file`). InvalidAdapter, before anything is sent, also if the adapter's two files are not among them
+    (removed since validation, or named in another case on a case-insensitive disk): a commit never lacks them.
     """
-    files = sorted(p for p in directory.iterdir()
+    names = sorted(p.name for p in directory.iterdir()
                    if p.is_file() and not p.name.startswith(".") and p.name != CARD_NAME)
-    missing = sorted({CONFIG_NAME, WEIGHTS_NAME} - {p.name for p in files})
+    try:
+        files = [adapter_file(directory, name) for name in names]
+    except AdapterError as err:
+        raise InvalidAdapter(f"invalid adapter: {_one_line(str(err))}; nothing was pushed") from None
+    missing = sorted({CONFIG_NAME, WEIGHTS_NAME} - set(names))
     if missing:
         raise InvalidAdapter(f"invalid adapter: {directory} has no file named exactly {' or '.join(missing)} to "
                              f"upload (removed or renamed since it was validated?); nothing was pushed")
+    return files
+
+
+def _operations(api: HfApi, repo_id: str, head: str | None, files: list[Path], card: str) -> list:
+    """Add `files` and the card; delete what the last version had beyond."""
     ops: list = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p)) for p in files]
     ops.append(CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=card.encode("utf-8")))
     keep = {op.path_in_repo for op in ops} | {".gitattributes"}

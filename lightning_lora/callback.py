@@ -194,7 +194,7 @@ class LoRACallback(Callback):
         _warn_unexported_statistics(self._target(pl_module), config)
         if self.model_attr is None:
             _warn_wrapped_transformers_model(pl_module)
-        self._noop_checked, self._step_epoch = False, None
+        self._noop_checked, self._step_epoch, self._exported = False, None, {}
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Every checkpoint restore is done by now. A best that ModelCheckpoint restored (or kept from an earlier

@@ -49,6 +49,9 @@ _UNSUPPORTED = (
     "trainable_token_indices", "alora_invocation_tokens", "use_bdlora", "arrow_config", "kasa_config",
     "monteclora_config",
 )
+#: The heads PEFT's task classes add to modules_to_save, whether the model has them or not (peft_model.py:
+#: PeftModelForSequenceClassification, ...).
+PEFT_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"], "QUESTION_ANS": ["qa_outputs"]}
 _INIT_TO_PEFT = {"kaiming": True, "gaussian": "gaussian"}
 Bias = Literal["none", "all", "lora_only"]
 Init = Literal["kaiming", "gaussian"]

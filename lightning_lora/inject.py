@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .config import DEFAULT_TARGETS, ConfigError, LoRAConfig, is_saved_module, matches
+from .config import DEFAULT_TARGETS, PEFT_HEADS, ConfigError, LoRAConfig, is_saved_module, matches
 from .layers import LoRALayer, LoRALinear, lora_class_for
 from .summary import LoRASummary, summarize
 
@@ -54,11 +54,15 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
     all_linear = spec == "all-linear"
     head = _output_head(model) if all_linear else None
     inside_lora = [p + "." for p, _ in lora_layers(model)]
-    saved = [p for p, _ in model.named_modules() if is_saved_module(config.modules_to_save, p)]
-    if config.modules_to_save and not saved:
+    paths = [p for p, _ in model.named_modules()]
+    saved = [p for p in paths if is_saved_module(config.modules_to_save, p)]
+    # a typo guard; PEFT's task classes add head names whether the model has them or not (BART's head is another)
+    unmatched = [n for n in config.modules_to_save or () if not any(is_saved_module([n], p) for p in paths)
+                 and n not in PEFT_HEADS.get(config.task_type, ())]
+    if unmatched:
         raise ConfigError(
-            f"modules_to_save={config.modules_to_save!r} matches no module of {type(model).__name__} (a module is "
-            f"saved when its path ends with a name); module names: {_leaf_names(model)[:40]}"
+            f"modules_to_save names {unmatched} match no module of {type(model).__name__} (a module is saved when "
+            f"its path ends with a name); module names: {_leaf_names(model)[:40]}"
         )
     # modules_to_save are trained and saved whole, so nothing inside them is wrapped (as PEFT)
     skip = inside_lora + [p + "." for p in saved]
@@ -103,7 +107,7 @@ def inject(
     _check_name(adapter_name)
     registry = adapter_configs(model)
     if adapter_name in registry:
-        if registry[adapter_name].replace(fan_in_fan_out=config.fan_in_fan_out) != config:
+        if not same_adapter(model, registry[adapter_name], config):
             raise ConfigError(
                 f"adapter {adapter_name!r} is already injected with a different config; delete_adapter it first "
                 f"or choose another adapter_name"
@@ -132,6 +136,18 @@ def inject(
     model._lora_configs[adapter_name] = config
     set_adapter(model, adapter_name)
     return summarize(model)
+
+
+def same_adapter(model: nn.Module, a: LoRAConfig, b: LoRAConfig) -> bool:
+    """Whether configs `a` and `b` adapt `model` alike: the same layers with the same rank and scale, and the same
+    DoRA, dropout, bias and modules_to_save. How they spell it (``"all-linear"`` or the matched names, pattern
+    keys), the base model's name, the task type and how the base is stored (4-bit, ``fan_in_fan_out``) may differ."""
+    targets = find_targets(model, a)
+    if targets != find_targets(model, b):
+        return False
+    same = (a.use_dora, a.dropout, a.bias, a.modules_to_save or []) == (b.use_dora, b.dropout, b.bias,
+                                                                         b.modules_to_save or [])
+    return same and all((a.rank_for(p), a.scaling(p)) == (b.rank_for(p), b.scaling(p)) for p in targets)
 
 
 def set_adapter(model: nn.Module, adapter_name: str) -> None:

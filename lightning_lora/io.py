@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from . import quant
-from .config import ConfigError, LoRAConfig, is_saved_module
+from .config import PEFT_HEADS, ConfigError, LoRAConfig, is_saved_module
 from .inject import (
     _output_head,
     adapter_configs,
@@ -39,6 +39,7 @@ from .inject import (
     inject,
     lora_layers,
     resolve_config,
+    same_adapter,
 )
 from .layers import LoRALayer, lora_class_for
 
@@ -187,7 +188,8 @@ def write_adapter(
 
     with atomic_write(out / WEIGHTS_NAME) as tmp:
         save_file(tensors, str(tmp), metadata=header)
-    write_text(out / CONFIG_NAME, json.dumps(config.to_peft_dict(), indent=2, sort_keys=True) + "\n")
+    # top-level keys sorted as PEFT writes them; pattern keys keep their order, which decides which one applies
+    write_text(out / CONFIG_NAME, json.dumps(dict(sorted(config.to_peft_dict().items())), indent=2) + "\n")
     if card is not None:
         write_text(out / CARD_NAME, card)
     return out
@@ -201,7 +203,7 @@ def fingerprint(model: nn.Module, adapter_name: str = "default") -> str:
 # -- reading -----------------------------------------------------------------------------------------------
 def read_config(directory: str | os.PathLike) -> LoRAConfig:
     """Parse ``adapter_config.json`` in `directory` into a LoRAConfig; AdapterError if it is bad."""
-    path = _inside(Path(directory), CONFIG_NAME)
+    path = adapter_file(Path(directory), CONFIG_NAME)
     if path.stat().st_size > _MAX_CONFIG:
         raise AdapterError(f"{path} is {path.stat().st_size} bytes; an adapter config is a few hundred")
     try:
@@ -342,7 +344,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     except ConfigError as err:
         raise AdapterError(f"{directory / CONFIG_NAME} does not fit this model: {err}") from None
     existing = adapter_configs(model).get(adapter_name)
-    if existing is not None and not _same_adapter(model, existing, config):
+    if existing is not None and not same_adapter(model, existing, config):
         raise AdapterError(f"the model already has an adapter {adapter_name!r} with another config; choose another "
                            f"adapter_name or delete_adapter it first")
     if existing is not None:
@@ -354,7 +356,10 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
             raise AdapterError(f"{directory} was trained on a different base model (layer fingerprint differs)")
     tensors = _load_tensors(_weights_path(directory))
     if existing is None:
-        inject(model, config, adapter_name)
+        try:  # its checks run before it changes anything
+            inject(model, config, adapter_name)
+        except ConfigError as err:
+            raise AdapterError(f"{directory} cannot be loaded into this model: {err}") from None
     targets = adapter_state_dict(model, adapter_name) | {k: m.weight for k, m in embedding_bases.items()}
     with torch.no_grad():
         for key, tensor in tensors.items():
@@ -362,12 +367,10 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     return config
 
 
-#: PEFT's task type for a transformers head class, by class-name suffix: loaders pick the head from it.
 #: Keys of tensors an adapter file may carry that training did not produce: the full base weight PEFT saves with
 #: a targeted embedding layer, the running statistics of a normalization layer in modules_to_save.
 _NOT_TRAINED = re.compile(r"\.(base_layer\.weight|running_mean|running_var|num_batches_tracked)$")
-#: The heads PEFT's task classes add to modules_to_save (peft_model.py: PeftModelForSequenceClassification, ...).
-_PEFT_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"], "QUESTION_ANS": ["qa_outputs"]}
+#: PEFT's task type for a transformers head class, by class-name suffix: loaders pick the head from it.
 _TASK_BY_SUFFIX = {"ForCausalLM": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS",
                    "ForTokenClassification": "TOKEN_CLS", "ForQuestionAnswering": "QUESTION_ANS",
                    "ForSeq2SeqLM": "SEQ_2_SEQ_LM"}
@@ -382,23 +385,11 @@ def task_type(model: nn.Module, modules_to_save: list[str] | None) -> str | None
     that None selects keeps the base model's head."""
     name = type(model).__name__
     task = next((task for suffix, task in _TASK_BY_SUFFIX.items() if name.endswith(suffix)), None)
-    heads = [p for p, _ in model.named_modules() if is_saved_module(_PEFT_HEADS.get(task), p)]
+    heads = [p for p, _ in model.named_modules() if is_saved_module(PEFT_HEADS.get(task), p)]
     return None if any(not is_saved_module(modules_to_save, p) for p in heads) else task
 
 
 # -- helpers -----------------------------------------------------------------------------------------------
-def _same_adapter(model: nn.Module, a: LoRAConfig, b: LoRAConfig) -> bool:
-    """Whether configs `a` and `b` adapt `model` alike: the same layers with the same rank and scale, and the same
-    DoRA, dropout, bias and modules_to_save. How they spell it (``"all-linear"`` or the matched names, pattern
-    keys), the base model's name, the task type and how the base is stored (4-bit, ``fan_in_fan_out``) may differ."""
-    targets = find_targets(model, a)
-    if targets != find_targets(model, b):
-        return False
-    same = (a.use_dora, a.dropout, a.bias, a.modules_to_save or []) == (b.use_dora, b.dropout, b.bias,
-                                                                         b.modules_to_save or [])
-    return same and all((a.rank_for(p), a.scaling(p)) == (b.rank_for(p), b.scaling(p)) for p in targets)
-
-
 def _key(param_name: str) -> str:
     return PREFIX + _strip(param_name)
 
@@ -414,7 +405,9 @@ def _hint(key: str) -> str:
     return ""
 
 
-def _inside(directory: Path, name: str) -> Path:
+def adapter_file(directory: Path, name: str) -> Path:
+    """File `name` of the adapter folder `directory`; AdapterError if it is missing or is a symlink pointing
+    outside the folder (or, for a cache snapshot, outside its repo's blobs)."""
     path = directory / name
     if not path.exists():
         raise AdapterError(f"{directory} has no {name}")
@@ -439,7 +432,7 @@ def _weights_path(directory: Path) -> Path:
             f"{directory} holds adapter_model.bin, a pickle, which can run arbitrary code when loaded; convert it "
             f"to {WEIGHTS_NAME} in a trusted environment (PeftModel.save_pretrained(..., safe_serialization=True))"
         )
-    return _inside(directory, WEIGHTS_NAME)
+    return adapter_file(directory, WEIGHTS_NAME)
 
 
 def _probe(model: nn.Module, path: str) -> LoRALayer:
@@ -472,7 +465,8 @@ def _expected_shapes(model: nn.Module, config: LoRAConfig) -> dict[str, tuple[in
 
 def _embedding_bases(model: nn.Module, targets: list[str]) -> dict[str, nn.Module]:
     """The base layers whose full weight PEFT may save beside an adapter with these `targets`, by that weight's
-    key: each targeted Embedding and the targeted output head (PEFT saves the input and output embeddings)."""
+    key: each targeted Embedding and the targeted output head (``<path>.base_layer.weight``), and the input and
+    output embeddings when not targeted (``<path>.weight``: PEFT saves them after a vocabulary resize)."""
     head = _output_head(model)
     out = {}
     for path in targets:
@@ -480,6 +474,11 @@ def _embedding_bases(model: nn.Module, targets: list[str]) -> dict[str, nn.Modul
         base = module.base_layer if isinstance(module, LoRALayer) else module
         if isinstance(base, nn.Embedding) or module is head:
             out[_key(f"{path}.base_layer.weight")] = base
+    get_input = getattr(model, "get_input_embeddings", None)
+    embeddings = {id(m) for m in (get_input() if callable(get_input) else None, head) if m is not None}
+    for path, module in model.named_modules():
+        if id(module) in embeddings and path not in targets:
+            out[_key(f"{path}.weight")] = module
     return out
 
 

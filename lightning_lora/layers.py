@@ -517,6 +517,8 @@ def _differentiated(formula, inputs: tuple, needs: tuple, grad_out: torch.Tensor
     gradient penalties): what the fused forward saved (``x A^T``) would be a constant there, and the second
     derivatives through it silently lost. (The base term's gradients are linear in ``dy``: written directly.)"""
     wanted = [t for t, need in zip(inputs, needs) if need]
+    if not wanted:  # e.g. frozen adapters under a trainable base: only the base term has gradients
+        return (None,) * len(needs)
     grads = iter(torch.autograd.grad(formula(*inputs), wanted, grad_out, create_graph=True))
     return tuple(next(grads) if need else None for need in needs)
 
@@ -565,8 +567,8 @@ def _use_function(*tensors: torch.Tensor | None) -> bool:
     transforms. Otherwise the same arithmetic runs in plain ops: without anything to differentiate (``no_grad``,
     ``inference_mode``, frozen adapters: inference and evaluation) that saves ``autograd.Function.apply``, about
     8 us per call, most of a small layer's cost; under ``torch.func.grad`` / ``vmap`` (per-sample gradients)
-    functorch differentiates and batches the plain ops itself. Pass the adapters first: in training the check
-    stops there."""
+    functorch differentiates and batches the plain ops itself. Pass the adapters first: in training the
+    requires_grad check stops there."""
     return (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
             and not torch._C._are_functorch_transforms_active())
 

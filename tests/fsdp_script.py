@@ -145,3 +145,5 @@ if __name__ == "__main__":
         path = ROOT / f"edited-rank{os.environ.get('LOCAL_RANK', '0')}.ckpt"
         torch.save(edited, path)
         refused(ROOT, "edited", ckpt_path=str(path))
+    if torch.distributed.is_initialized():  # join gloo's threads before exit: left to the interpreter's shutdown
+        torch.distributed.destroy_process_group()  # they can abort the process ("terminate called ...")

@@ -187,8 +187,8 @@ CORPUS: dict[str, tuple[Callable[[Path], None], str]] = {
     "extra-lora-module": (_edit_tensors(lambda t: t.update({
         A0.replace("c_attn", "c_proj"): torch.zeros(4, 32), B0.replace("c_attn", "c_proj"): torch.zeros(32, 4)})),
         r"unexpected keys \['base_model.model.transformer.h.0.attn.c_proj.lora_A.weight'"),
-    "extra-base-weight": (_edit_tensors(_set("base_model.model.transformer.wte.weight", torch.zeros(64, 32))),
-                          r"unexpected keys \['base_model.model.transformer.wte.weight'\]"),
+    "extra-base-weight": (_edit_tensors(_set("base_model.model.transformer.h.0.ln_1.weight", torch.zeros(32))),
+                          r"unexpected keys \['base_model.model.transformer.h.0.ln_1.weight'\]"),
     "peft-default-in-keys": (_edit_tensors(lambda t: (_rename(A0, A0.replace("lora_A.", "lora_A.default."))(t),
                                                       _rename(B0, B0.replace("lora_B.", "lora_B.default."))(t))),
                              r"in-memory adapter name '.default.'"),

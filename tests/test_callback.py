@@ -528,6 +528,16 @@ def test_last_export_records_the_epoch_of_its_step(tmp_path):
     assert (meta["lightning_lora.epoch"], meta["lightning_lora.global_step"]) == ("1", "5")
 
 
+def test_second_fit_with_the_same_callback_exports_its_own_last(tmp_path):
+    callback = LoRACallback(r=2, model_attr="model", adapter_dir=tmp_path / "ad")
+    for seed in (1, 2):  # a sweep: two runs ending at the same step
+        module = CausalLM(seed=seed)
+        fit(module, tmp_path / str(seed), [callback], max_steps=2)
+        exported = load_file(str(tmp_path / "ad" / "last" / "adapter_model.safetensors"))
+        assert torch.equal(exported["base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"],
+                           module.model.transformer.h[0].attn.c_attn.lora_b["default"])
+
+
 def test_transformers_model_without_model_attr_warns(tmp_path):
     with pytest.warns(UserWarning, match=r"holds a transformers model in `self.model`; set "
                                          r"LoRACallback\(model_attr='model'\)"):

@@ -118,6 +118,16 @@ def test_push_follows_symlinked_files(hub_server, two_versions, tmp_path, repo_i
     assert _same_files(hub.pull(f"{copy}@1.0.0", endpoint=hub_server.url), two_versions["1.0.0"])
 
 
+def test_push_refuses_a_link_out_of_the_folder(hub_server, tmp_path, repo_id):
+    """Only links into the folder (or a snapshot's blobs) are followed: a stray one is not published."""
+    saved_adapter(tmp_path / "a")
+    (tmp_path / "secret").write_text("token")
+    (tmp_path / "a" / "notes.txt").symlink_to(tmp_path / "secret")
+    with pytest.raises(hub.InvalidAdapter, match=r"notes.txt is a symlink pointing outside the adapter folder"):
+        hub.push(tmp_path / "a", repo_id, endpoint=hub_server.url)
+    assert not HfApi(endpoint=hub_server.url).repo_exists(repo_id)
+
+
 def test_invalid_adapter_is_refused_before_sending(hub_server, tmp_path, repo_id):
     saved_adapter(tmp_path / "bad")
     (tmp_path / "bad" / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 0}')

@@ -131,7 +131,7 @@ def test_no_match_lists_candidates():
         inject(model, LoRAConfig(target_modules=["attn"]))
     with pytest.raises(ConfigError, match=r"'transformer.h.0.ln_1' is a LayerNorm, .*\(exclude_modules\)$"):
         inject(model, LoRAConfig(target_modules=["ln_1"]))
-    with pytest.raises(ConfigError, match=r"modules_to_save=\['classifer'\] matches no module .*'lm_head'"):
+    with pytest.raises(ConfigError, match=r"modules_to_save names \['classifer'\] match no module .*'lm_head'"):
         inject(model, LoRAConfig(target_modules=["c_attn"], modules_to_save=["classifer"]))
     assert not list(lora_layers(model)) and list(state_snapshot(model)) == list(before)
 

@@ -224,3 +224,22 @@ def test_card_usage_names_the_class_that_loads_the_base(adapter_path):
     inject(plain, LoRAConfig(r=2, target_modules=["0"]))
     card = render_card(validate_adapter(save_adapter(plain, adapter_path / "plain", base_model="x")), repo_id="me/p")
     assert "from transformers" not in card and "`lora-hub pull me/p`, then load it onto the model" in card
+
+
+def test_pattern_order_survives_a_round_trip(adapter_path):
+    """The first matching pattern key applies, so its order is part of the config: written as given (PEFT sorts
+    it, and would reload this adapter with rank 2 for layer 1), read back the same, and a fresh inject of the
+    file's config on a loaded model is the no-op it should be."""
+    config = LoRAConfig(r=4, target_modules=["q_proj"], rank_pattern={"q_proj": 3, "layers.1.self_attn.q_proj": 2})
+    model = tiny_llama()
+    inject(model, config)
+    assert {layer.lora_a["default"].shape[0] for _, layer in lora_layers(model)} == {3}
+    save_adapter(model, adapter_path)
+    written = json.loads((adapter_path / "adapter_config.json").read_text())
+    assert list(written["rank_pattern"]) == ["q_proj", "layers.1.self_attn.q_proj"]
+    assert list(written) == sorted(written)
+    fresh = tiny_llama()
+    loaded = load_adapter(fresh, adapter_path)
+    inject(fresh, loaded)  # the same adapter: a no-op, although the file's config names a base model
+    inject(fresh, config)
+    assert {layer.lora_a["default"].shape[0] for _, layer in lora_layers(fresh)} == {3}

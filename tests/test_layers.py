@@ -260,6 +260,9 @@ def test_fused_functions_have_exact_second_derivatives(fan_in_fan_out, dropout, 
         return lora_linear(x, w, bias, a, b, 1.5, fan_in_fan_out, None if x_lora is None else x * 0.5)
 
     assert torch.autograd.gradgradcheck(fused, inputs)
+    frozen_lora = (x.detach(), bias.detach(), a.detach(), b.detach())  # only the base weight trains
+    assert torch.autograd.gradgradcheck(lambda w: fused(frozen_lora[0], w, *frozen_lora[1:]),
+                                        [w.detach().requires_grad_()])
     assert torch.autograd.gradgradcheck(lambda x, a, b: _LoRAProduct.apply(x, a, b, 1.5), [x, a, b])
 
 

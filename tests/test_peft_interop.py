@@ -226,3 +226,64 @@ def test_peft_saved_batchnorm_statistics_load_in_ours(adapter_path):
     assert model[1].num_batches_tracked == 1
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(x), peft_model.eval()(x), atol=1e-5, rtol=0)
+
+
+def test_peft_seq_cls_adapter_whose_head_has_another_name_loads(adapter_path):
+    """PEFT's SEQ_CLS class writes modules_to_save ["classifier", "score"] whatever the head is called (BART's
+    is `classification_head`), and loads it so: names that PEFT adds itself are not taken for typos."""
+    from transformers import BartConfig, BartForSequenceClassification
+
+    def build():
+        torch.manual_seed(0)
+        return BartForSequenceClassification(BartConfig(
+            vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=32,
+            num_labels=3, dropout=0.0, attention_dropout=0.0, pad_token_id=1, eos_token_id=2)).eval()
+
+    batch = {"input_ids": torch.tensor([[0, 5, 9, 11, 7, 2], [0, 8, 4, 6, 13, 2]])}
+    peft_model = peft.get_peft_model(build(), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
+                                                              task_type="SEQ_CLS", init_lora_weights=False)).eval()
+    theirs = model_output(peft_model, batch)
+    peft_model.save_pretrained(adapter_path)
+    model = build()
+    assert load_adapter(model, adapter_path).modules_to_save == ["classifier", "score"]
+    assert torch.allclose(model_output(model, batch), theirs, atol=1e-5, rtol=0)
+
+
+def test_peft_adapter_of_a_resized_vocabulary_loads_its_embeddings(adapter_path):
+    """After `resize_token_embeddings` PEFT saves the (untargeted) input and output embeddings too (``"auto"``
+    when it can tell the vocabulary grew, or asked to), as ``...embed_tokens.weight`` / ``lm_head.weight``: they
+    load into the resized base, and an unresized one is told to resize first."""
+    base = tiny_llama()
+    base.resize_token_embeddings(72)
+    peft_model = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    batch = token_batch(vocab=72)
+    theirs = model_output(peft_model.eval(), batch)
+    peft_model.save_pretrained(adapter_path, save_embedding_layers=True)
+    with safe_open(adapter_path / "adapter_model.safetensors", "pt") as f:
+        assert {"base_model.model.model.embed_tokens.weight", "base_model.model.lm_head.weight"} <= set(f.keys())
+    model = tiny_llama()
+    with pytest.raises(AdapterError, match=r"(lm_head|embed_tokens).weight has shape \[72, 32\].*resize_token_embeddings\(72\)"):
+        load_adapter(model, adapter_path)
+    model.resize_token_embeddings(72)
+    torch.nn.init.zeros_(model.model.embed_tokens.weight)  # whatever the resize drew: the file's rows replace it
+    load_adapter(model, adapter_path)
+    assert torch.allclose(model_output(model, batch), theirs, atol=1e-5, rtol=0)
+
+
+def test_adapter_saving_a_head_refused_on_a_model_that_ties_it(adapter_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def gpt2(tied: bool):
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=1, n_head=4,
+                                          tie_word_embeddings=tied)).eval()
+
+    untied = gpt2(False)
+    inject(untied, LoRAConfig(r=2, target_modules=["c_attn"], modules_to_save=["lm_head"]))
+    save_adapter(untied, adapter_path)
+    tied = gpt2(True)
+    before = state_snapshot(tied)
+    with pytest.raises(AdapterError, match=r"cannot be loaded into this model: modules_to_save 'lm_head'.*tied"):
+        load_adapter(tied, adapter_path)
+    assert_same_state(tied, before)
