@@ -41,6 +41,7 @@ from .io import (
     AdapterError,
     AdapterInfo,
     adapter_state_dict,
+    architecture,
     fingerprint,
     module_keys,
     read_tensors,
@@ -65,15 +66,17 @@ class AdapterState:
     def load(cls, directory: str | os.PathLike) -> AdapterState:
         """Read a PEFT-format adapter folder (validated, safetensors only)."""
         info = validate_adapter(directory)
+        arch = info.metadata.get(META + "architecture")
         return cls(info.config, read_tensors(directory), info.metadata.get(META + "fingerprint"),
-                   source=str(directory))
+                   {"architecture": arch} if arch else {}, source=str(directory))
 
     @classmethod
     def from_model(cls, model: nn.Module, adapter_name: str = "default") -> AdapterState:
         """A copy of adapter `adapter_name` as injected into `model`."""
         tensors = {k: v.clone() for k, v in adapter_state_dict(model, adapter_name).items()}
+        arch = architecture(model)
         return cls(adapter_configs(model)[adapter_name], tensors, fingerprint(model, adapter_name),
-                   source=f"<model adapter {adapter_name!r}>")
+                   {"architecture": arch} if arch else {}, source=f"<model adapter {adapter_name!r}>")
 
     def factor_keys(self) -> dict[str, tuple[str, str]]:
         """``{module path: (key of A, key of B)}`` (``lora_A``/``lora_B``, or the embedding pair)."""
@@ -160,8 +163,12 @@ def combine(
     metadata = {"combine": json.dumps({"method": method, "weights": weights, "r": r,
                                        "sources": [s.source for s in states]}),
                 "discarded_energy": f"{total_energy:.6g}"}
-    # same paths and shapes (checked above) make the same layer fingerprint: carry it over
+    # same paths and shapes (checked above) make the same layer fingerprint: carry it over, and the class the
+    # inputs were trained on when they agree (the card's usage snippet and `merge` read it)
     fingerprints = {s.fingerprint for s in states} - {None}
+    architectures = {s.metadata.get("architecture") for s in states}
+    if len(architectures) == 1 and None not in architectures:
+        metadata["architecture"] = architectures.pop()
     return CombinedAdapter(config, tensors, next(iter(fingerprints), None), metadata,
                            source=f"<{method} combination>", discarded_energy=energy,
                            total_discarded_energy=total_energy)

@@ -58,6 +58,7 @@ def test_cat_is_the_exact_weighted_sum_of_deltas(adapters, tmp_path):
         "transformer.h.0.mlp.c_fc": 4, "transformer.h.1.mlp.c_fc": 4}
     assert combined.config.scaling("transformer.h.0.mlp.c_fc") == combined.config.scaling("x.c_attn") == 1.0
     assert combined.total_discarded_energy == 0.0
+    assert combined.metadata["architecture"] == "GPT2LMHeadModel"  # for the card and merge, as its inputs had
     out = combined.save(tmp_path / "cat")
 
     model = tiny_gpt2()
