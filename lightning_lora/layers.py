@@ -451,8 +451,11 @@ class _LoRALinearFunction(torch.autograd.Function):
             grad_in, grad_a, grad_b = _differentiated(lora, (lora_in, lora_a, lora_b), (need_in, need_a, need_b),
                                                       grad_out)
             grad_x = (dy @ w).view(ctx.x_shape) if need_x else None
-            grad_x = grad_x + grad_in if x_lora is None and need_x else grad_x
-            grad_xl = grad_in if x_lora is not None else None
+            grad_xl = None
+            if x_lora is None and need_x:
+                grad_x = grad_x + grad_in
+            elif x_lora is not None:
+                grad_xl = grad_in
         else:
             xl2 = x2 if x_lora is None else x_lora.reshape(-1, x_lora.shape[-1])
             dxa_t, grad_a, grad_b = _lora_grads(dy, xl2, xa, lora_a, lora_b, ctx.scaling, need_a, need_b)
