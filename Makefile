@@ -1,5 +1,5 @@
 # Two commands do everything on a fresh machine: `make demo` and `make test`.
-# Each creates .venv (torch first, pinned to the CPU wheel unless TORCH_SPEC says otherwise), then the project.
+# Each creates .venv (torch first, pinned to 2.13.0 unless TORCH_SPEC says otherwise), then the project.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
