@@ -117,6 +117,8 @@ class LoRACallback(Callback):
         fields = {k: v for k, v in locals().items() if k in _CONFIG_FIELDS and v is not None}
         self.config = (config or LoRAConfig()).replace(**fields)
         self.adapter_dir = Path(adapter_dir) if adapter_dir is not None else None
+        if self.adapter_dir is not None and self.adapter_dir.exists() and not self.adapter_dir.is_dir():
+            raise ConfigError(f"adapter_dir={str(adapter_dir)!r} is a file; name a folder (created if missing)")
         self.model_attr = model_attr
         if noop_check_steps is not None and noop_check_steps < 0:
             raise ConfigError(f"noop_check_steps={noop_check_steps}: must be a number of optimizer steps >= 0 "
@@ -153,6 +155,12 @@ class LoRACallback(Callback):
 
     # -- Lightning hooks -----------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if sum(isinstance(cb, LoRACallback) for cb in trainer.callbacks) > 1:
+            raise ConfigError(
+                "one LoRACallback per Trainer: each freezes everything but its own adapter, so a second one would "
+                "freeze the first's; adapt several models with one callback (model_attr=None, target_modules "
+                "naming layers in each, e.g. ['enc.0', 'dec.0'])"
+            )
         _check_fsdp_settings(trainer.strategy)
         if isinstance(trainer.strategy, ModelParallelStrategy):
             # It loads a full checkpoint parameter by parameter, past the post-hook that lets frozen keys be

@@ -116,6 +116,13 @@ def inject(
     _check_beside(registry, config, adapter_name)
     targets = find_targets(model, config)
     _check_saved_not_tied(model, config)
+    meta = [path for path in targets if any(p.is_meta for p in model.get_submodule(path).parameters())]
+    if meta:
+        raise ConfigError(
+            f"{meta[0]!r} (and {len(meta) - 1} more) has its weights on the meta device: LoRA's A and B would be "
+            f"made there uninitialised, and materialising the model (to_empty + reset_parameters) does not "
+            f"initialise them (B = 0 at the start); inject once the base weights are real (materialised or loaded)"
+        )
     if any(isinstance(m, LoRALayer) and m.merged_adapters for _, m in lora_layers(model)):
         raise RuntimeError("the model has merged adapters; unmerge(model) before injecting another adapter")
     if config.use_dora:

@@ -156,9 +156,10 @@ def save_adapter(
     config = registry[adapter_name]
     base_model = base_model or config.base_model or _name_or_path(model)
     config = config.replace(base_model=base_model, task_type=config.task_type or task_type(model, config.modules_to_save))
-    if config.target_modules == "all-linear":  # write what was matched, so every PEFT version reads it alike
-        leaves = {path.rsplit(".", 1)[-1] for path, layer in lora_layers(model) if adapter_name in layer.lora_a}
-        config = config.replace(target_modules=sorted(leaves))
+    if config.target_modules == "all-linear":  # write the matched paths (as PEFT does): every reader finds the same
+        # layers, where a leaf name could also select a Sequential or a conv of that name
+        paths = {_strip(path) for path, layer in lora_layers(model) if adapter_name in layer.lora_a}
+        config = config.replace(target_modules=sorted(paths))
     tensors = adapter_state_dict(model, adapter_name)
     arch = architecture(model)
     metadata = {**({"architecture": arch} if arch else {}), **(metadata or {})}

@@ -554,3 +554,14 @@ def test_spawned_strategy_needs_apply_before_fit(tmp_path):
     callback.apply(module)
     fit(module, tmp_path, [callback], strategy="ddp_spawn", max_steps=2)
     assert all_b_nonzero(module)
+
+
+def test_second_callback_and_a_file_as_adapter_dir_refused(tmp_path):
+    """Each LoRACallback freezes all but its own adapter: a second one silently froze the first's. And an
+    adapter_dir that is a file failed only at the first export, after an epoch, losing its checkpoint."""
+    first, second = LoRACallback(r=2, model_attr="model"), LoRACallback(r=2, model_attr="model")
+    with pytest.raises(ConfigError, match=r"one LoRACallback per Trainer"):
+        fit(CausalLM(), tmp_path, [first, second], max_steps=1)
+    (tmp_path / "adapters").write_text("")
+    with pytest.raises(ConfigError, match=r"adapter_dir='.*adapters' is a file; name a folder"):
+        LoRACallback(adapter_dir=tmp_path / "adapters")

@@ -63,8 +63,10 @@ def test_causal_lm_shows_generations(outputs):
     assert re.search(r"^before: '.+'$", result.stdout, re.MULTILINE)
     assert re.search(r"^after:  '.+'$", result.stdout, re.MULTILINE)
     info = validate_adapter(printed_adapter(result))
-    assert set(info.config.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                               "down_proj"}
+    # all-linear is written as the matched paths: every linear layer of each block, not the output head
+    assert {t.rsplit(".", 1)[-1] for t in info.config.target_modules} == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert all(t.startswith("model.layers.") for t in info.config.target_modules)
 
 
 def test_ddp_example_used_two_processes(outputs):

@@ -339,3 +339,12 @@ def test_tied_module_to_save_refused():
         inject(model, LoRAConfig(r=2, target_modules=["c_attn"], modules_to_save=["lm_head"]))
     assert_same_state(model, before)
     assert not list(lora_layers(model))
+
+
+def test_meta_device_base_refused_before_any_change():
+    """On the meta device A and B would stay uninitialised after materialisation (B not 0): refused."""
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    with pytest.raises(ConfigError, match=r"'0' \(and 1 more\) has its weights on the meta device"):
+        inject(model, LoRAConfig(r=2, target_modules=["0", "2"]))
+    assert not list(lora_layers(model)) and not getattr(model, "_lora_configs", None)

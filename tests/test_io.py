@@ -81,7 +81,9 @@ def test_round_trip_llama_all_linear_writes_matched_names(adapter_path):
     train_steps(model, batch)
     save_adapter(model, adapter_path)
     config = json.loads((adapter_path / "adapter_config.json").read_text())
-    assert config["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    # the matched paths, as PEFT writes them: a leaf name could also select another module of that name
+    assert config["target_modules"] == sorted(path for path, _ in lora_layers(model))
+    assert len(config["target_modules"]) == 2 * 7 and "lm_head" not in config["target_modules"]
     assert config["use_rslora"] is True
     fresh = tiny_llama()
     load_adapter(fresh, adapter_path)
@@ -243,3 +245,19 @@ def test_pattern_order_survives_a_round_trip(adapter_path):
     inject(fresh, loaded)  # the same adapter: a no-op, although the file's config names a base model
     inject(fresh, config)
     assert {layer.lora_a["default"].shape[0] for _, layer in lora_layers(fresh)} == {3}
+
+
+def test_all_linear_export_reloads_where_leaf_names_would_not(adapter_path):
+    """Linear layers inside Sequentials (paths ending in "0", "2"): leaf names would select the Sequentials too."""
+    def build():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4)),
+                                   torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4)))
+
+    model, x = build(), torch.randn(3, 4)
+    inject(model, LoRAConfig(r=2, target_modules="all-linear"))
+    train_steps(model, x)
+    save_adapter(model, adapter_path)
+    fresh = build()
+    load_adapter(fresh, adapter_path)
+    assert torch.allclose(model_output(fresh, x), model_output(model, x), atol=1e-6)
