@@ -122,8 +122,7 @@ def push(
         published = {v: t.target_commit for v, t in _version_tags(refs).items()}
         new = wanted or (max(published).bump_patch() if published else FIRST)
         if new in published:
-            raise VersionExists(f"{repo_id} already has version {new} (commit {published[new][:12]}); versions are "
-                                f"never overwritten, nothing was changed: push as {max(published).bump_patch()}")
+            raise _exists(repo_id, new, published)
         head = next((b.target_commit for b in refs.branches if b.name == "main"), None)
         title = message or f"Push version {new}"
         history = _history(api, repo_id, refs, head)
@@ -131,8 +130,15 @@ def push(
         card = render_card(info, repo_id=repo_id, versions=[_row(VersionInfo(new, "", today, title, None))] +
                            [_row(v) for v in reversed(history)])
         ops = _operations(api, repo_id, head, files, card)
-        commit = api.create_commit(repo_id, ops, commit_message=title, parent_commit=head,
-                                   commit_description=f"lora-hub version: {new}\n{_BASE_LINE}{info.base_model or ''}")
+        try:
+            commit = api.create_commit(repo_id, ops, commit_message=title, parent_commit=head, commit_description=
+                                       f"lora-hub version: {new}\n{_BASE_LINE}{info.base_model or ''}")
+        except hf_errors.HfHubHTTPError as err:
+            if _status(err) == 412:  # main moved since `head`: if by a push of `new`, that one won
+                published = {v: t.target_commit for v, t in _version_tags(api.list_repo_refs(repo_id)).items()}
+                if new in published:
+                    raise _exists(repo_id, new, published) from None
+            raise
     try:
         with _translate(api, repo_id):
             api.create_tag(repo_id, tag=new.tag, revision=commit.oid, tag_message=title)
@@ -143,6 +149,16 @@ def push(
         raise PushIncomplete(f"committed {commit.oid[:12]} to {repo_id} but tagging {new.tag} failed ({err}); "
                              f"version {new} is not visible yet: run the same push again to finish it") from None
     return PushResult(repo_id, new, commit.oid, commit.commit_url)
+
+
+def _exists(repo_id: str, version: Version, published: dict[Version, str]) -> VersionExists:
+    """The refusal of a push of `version`, which `published` (version -> commit) already holds."""
+    try:
+        then = f"push as {max(published).bump_patch()}"
+    except BadSpec:  # the latest patch is the largest a version may have
+        then = "push as a new minor or major version"
+    return VersionExists(f"{repo_id} already has version {version} (commit {published[version][:12]}); versions "
+                         f"are never overwritten, nothing was changed: {then}")
 
 
 def _upload_files(directory: Path) -> list[Path]:
@@ -244,12 +260,13 @@ def _pull(spec: str, local_dir, endpoint, token, cache_dir) -> tuple[Path, Adapt
             sha = tags[version].target_commit
             expected = {f.path: _hub_hash(f) for f in api.list_repo_tree(repo_id, revision=sha, recursive=True)
                         if hasattr(f, "blob_id")}
-        # by tag, so the cache records it for offline use; the folder name proves which commit it got
+        # by the commit the tag named, so nothing named like the tag (a branch ``v1.0.0``) or moved since
+        # changes what is pulled; the tag is then recorded in the cache, as a download by tag would, for offline
         snapshot = Path(huggingface_hub.snapshot_download(
-            repo_id, revision=version.tag, cache_dir=cache_dir, endpoint=endpoint, token=token))
-    if snapshot.name != sha:
-        raise IntegrityError(f"{repo_id} {version.tag} moved to commit {snapshot.name[:12]} during the pull "
-                             f"(expected {sha[:12]}); pull again")
+            repo_id, revision=sha, cache_dir=cache_dir, endpoint=endpoint, token=token))
+    if not offline:
+        with atomic_write(snapshot.parent.parent / "refs" / version.tag) as tmp:
+            tmp.write_text(sha)
     _verify(snapshot, expected if expected is not None else _cached_hashes(snapshot), f"{repo_id}@{version}")
     out = snapshot if local_dir is None else _copy_files(snapshot, Path(local_dir))
     return out, _validate(out)
@@ -334,6 +351,8 @@ def merge(
     ``max_diff`` is the largest absolute difference between the merged model's output and the unmerged
     adapter's on a fixed probe batch: float32 rounding only, unless something is wrong.
     """
+    if push_to:
+        _check_push_to(HfApi(endpoint=endpoint, token=token), check_repo_id(push_to))
     adapter, adapter_info = _local_or_pulled(spec_or_dir, endpoint, token, cache_dir)
     base_dir = Path(base)
     if not base_dir.is_dir():
@@ -349,6 +368,20 @@ def merge(
             api.create_repo(push_to, private=True, exist_ok=True)
             url = api.upload_folder(repo_id=push_to, folder_path=path, commit_message=f"Merge {spec_or_dir} into {base}")
     return MergeResult(path, max_diff, saved_dtype, str(url) if url else None)
+
+
+def _check_push_to(api: HfApi, repo_id: str) -> None:
+    """HubError if `repo_id` exists and holds anything beyond ``.gitattributes``: the upload adds files and
+    deletes none, so the merged model would be mixed with them (an adapter's files make transformers load
+    the adapter, not the model)."""
+    with _translate(api, repo_id):
+        try:
+            held = sorted(set(api.list_repo_files(repo_id)) - {".gitattributes"})
+        except hf_errors.RepositoryNotFoundError:
+            return
+    if held:
+        raise HubError(f"{repo_id} already exists and is not empty ({', '.join(held[:3])}{', ...' if held[3:] else ''}"
+                       f"); push the merged model to a new repo")
 
 
 def _local_or_pulled(dir_or_spec: str | os.PathLike, endpoint, token, cache_dir) -> tuple[Path, AdapterInfo]:
@@ -421,7 +454,7 @@ def _map_error(err: Exception, where: str, repo_id: str) -> HubError | None:
     if isinstance(err, hf_errors.LocalEntryNotFoundError):
         return Unreachable(f"{repo_id}: {_one_line(str(err))}")
     if isinstance(err, hf_errors.HfHubHTTPError):
-        status = err.response.status_code if err.response is not None else None
+        status = _status(err)
         if status in (401, 403):
             return AuthError(f"{where} refused the token for {repo_id} (HTTP {status}): set HF_TOKEN or run "
                              f"`hf auth login` with a token that may write there")
@@ -437,6 +470,10 @@ def _map_error(err: Exception, where: str, repo_id: str) -> HubError | None:
         return Unreachable(f"cannot reach {where} ({type(err).__name__}); is `lora-hub serve` running? set "
                            f"--endpoint or HF_ENDPOINT")
     return None
+
+
+def _status(err: hf_errors.HfHubHTTPError) -> int | None:
+    return err.response.status_code if err.response is not None else None
 
 
 def _hf_message(err: Exception) -> str:

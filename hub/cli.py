@@ -232,7 +232,10 @@ def serve(
     """Run a Hugging Face Hub-compatible server for adapters (Ctrl-C stops it)."""
     from .server import serve as start
 
-    server = start(root, host=host, port=port, token=token, log=True)
+    try:
+        server = start(root, host=host, port=port, token=token, log=True)
+    except ValueError as err:  # an empty --token
+        raise HubError(f"--token: {err}") from None
     console.print(f"lora-hub serving {root} at {server.url}  (export HF_ENDPOINT={server.url})"
                   + ("; writes need the token" if token else ""))
     try:

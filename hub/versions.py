@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from .errors import BadSpec, VersionNotFound
 
 _NUM = r"(0|[1-9]\d{0,8})"
+_MAX = 999_999_999  # the largest part `_NUM` reads back: a bigger one would make a tag no listing sees
 _VERSION = re.compile(rf"v?{_NUM}\.{_NUM}\.{_NUM}")
 _PART = r"(?:0|[1-9]\d{0,8}|[xX*])"
 _PARTIAL = re.compile(rf"(?P<op>[~^]?)v?(?P<major>0|[1-9]\d{{0,8}})(?:\.(?P<minor>{_PART})(?:\.(?P<patch>{_PART}))?)?")
@@ -43,6 +44,10 @@ class Version:
     minor: int
     patch: int
 
+    def __post_init__(self) -> None:
+        if not all(0 <= part <= _MAX for part in (self.major, self.minor, self.patch)):
+            raise BadSpec(f"{self} is not a version: each part must be 0 to {_MAX}")
+
     @classmethod
     def parse(cls, text: str) -> Version:
         """``"1.2.3"`` or ``"v1.2.3"``; BadSpec otherwise."""
@@ -57,7 +62,11 @@ class Version:
         return f"v{self}"
 
     def bump_patch(self) -> Version:
-        """The next patch release: 1.2.3 -> 1.2.4 (what a push without a version publishes)."""
+        """The next patch release: 1.2.3 -> 1.2.4 (what a push without a version publishes); BadSpec if the
+        patch is already the largest a version may have."""
+        if self.patch == _MAX:
+            raise BadSpec(f"{self} has no next patch version (each part must be 0 to {_MAX}): give the version "
+                          f"to publish")
         return Version(self.major, self.minor, self.patch + 1)
 
     def __str__(self) -> str:
@@ -92,11 +101,11 @@ class Range:
         if op == "^":
             high = _caret_high(major, minor, patch)
         elif minor is None:
-            high = Version(major + 1, 0, 0)
+            high = _upper(major + 1, 0, 0)
         elif op == "~" or patch is None:
-            high = Version(major, minor + 1, 0)
+            high = _upper(major, minor + 1, 0)
         else:
-            high = low.bump_patch()
+            high = _upper(major, minor, patch + 1)
         return cls(text, low, high)
 
     def __contains__(self, version: Version) -> bool:
@@ -112,12 +121,22 @@ class Range:
         return matching[-1]
 
 
-def _caret_high(major: int, minor: int | None, patch: int | None) -> Version:
+def _caret_high(major: int, minor: int | None, patch: int | None) -> Version | None:
     if major > 0 or minor is None:
-        return Version(major + 1, 0, 0)
+        return _upper(major + 1, 0, 0)
     if minor > 0 or patch is None:
-        return Version(0, minor + 1, 0)
-    return Version(0, 0, patch + 1)
+        return _upper(0, minor + 1, 0)
+    return _upper(0, 0, patch + 1)
+
+
+def _upper(major: int, minor: int, patch: int) -> Version | None:
+    """A range's exclusive upper bound, carried past a part's limit (1.0.<max + 1> is 1.1.0: no version lies
+    between); None (no bound) past the largest version."""
+    if patch > _MAX:
+        minor, patch = minor + 1, 0
+    if minor > _MAX:
+        major, minor, patch = major + 1, 0, 0
+    return None if major > _MAX else Version(major, minor, patch)
 
 
 def parse_spec(spec: str) -> tuple[str, Range]:

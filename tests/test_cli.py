@@ -142,6 +142,13 @@ def test_serve(tmp_path):
     assert server.returncode == 0 and "stopped" in out and "Traceback" not in err
 
 
+def test_serve_refuses_an_empty_token(tmp_path):
+    bad = subprocess.run([LORA_HUB, "serve", "--root", str(tmp_path / "root"), "--port", "0", "--token", ""],
+                         capture_output=True, text=True, timeout=60, check=False)  # a server that starts: timeout
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [
+        "error: --token: the server token is empty: give a non-empty token, or none for a server without auth"]
+
+
 def test_merge_and_argument_errors_are_labelled(tmp_path):
     saved_adapter(tmp_path / "adapter")
     tiny_gpt2(n_embd=48).save_pretrained(tmp_path / "wider")

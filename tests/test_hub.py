@@ -108,6 +108,53 @@ def test_existing_version_is_never_overwritten(hub_server, two_versions, tmp_pat
     assert _same_files(pulled, two_versions["1.0.0"])
 
 
+def test_branch_named_like_a_version_does_not_hide_it(hub_server, two_versions, repo_id):
+    api = HfApi(endpoint=hub_server.url)
+    api.create_branch(repo_id, branch="v1.0.0", revision="v1.1.0")
+    tagged = {t.name: t.target_commit for t in api.list_repo_refs(repo_id).tags}["v1.0.0"]
+    for _ in range(2):
+        pulled = hub.pull(f"{repo_id}@1.0.0", endpoint=hub_server.url)
+        assert pulled.name == tagged and _same_files(pulled, two_versions["1.0.0"])
+    assert api.model_info(repo_id, revision="v1.0.0").sha == tagged  # a name both tag and branch is the tag
+    assert api.model_info(repo_id, revision="refs/heads/v1.0.0").sha != tagged
+
+
+def test_default_push_past_the_largest_patch_is_refused(hub_server, tmp_path, repo_id):
+    saved_adapter(tmp_path / "adapter")
+    hub.push(tmp_path / "adapter", repo_id, version="1.0.999999999", endpoint=hub_server.url)
+    before = _state(hub_server.url, repo_id)
+    with pytest.raises(hub.BadSpec, match=r"^1\.0\.999999999 has no next patch version .*: give the version to "):
+        hub.push(tmp_path / "adapter", repo_id, endpoint=hub_server.url)
+    assert _state(hub_server.url, repo_id) == before
+    with pytest.raises(hub.BadSpec, match=r"^1\.0\.1000000000 is not a version: each part must be 0 to 999999999$"):
+        hub.Version(1, 0, 10**9)
+    assert hub.Range.parse("1.0.999999999").high == hub.Version(1, 1, 0)
+
+
+def test_push_race_loser_gets_version_exists(hub_server, two_versions, tmp_path, repo_id, monkeypatch):
+    """Another push lands between this push's look at main and its commit: if it published the same version,
+    this one is told so (VersionExists), not to push again."""
+    saved_adapter(tmp_path / "loser", seed=8)
+    create_commit = HfApi.create_commit
+
+    def racing(version):
+        def commit(self, *args, **kwargs):
+            monkeypatch.setattr(HfApi, "create_commit", create_commit)
+            hub.push(two_versions["1.0.0"], repo_id, version=version, endpoint=hub_server.url)
+            return create_commit(self, *args, **kwargs)
+        monkeypatch.setattr(HfApi, "create_commit", commit)
+
+    racing("1.2.0")
+    with pytest.raises(hub.VersionExists, match=r"already has version 1\.2\.0 .* nothing was changed: push as 1\.2\.1$"):
+        hub.push(tmp_path / "loser", repo_id, version="1.2.0", endpoint=hub_server.url)
+    racing("1.3.0")
+    with pytest.raises(hub.HubError, match="changed while pushing .* push again$") as err:
+        hub.push(tmp_path / "loser", repo_id, version="1.4.0", endpoint=hub_server.url)
+    assert not isinstance(err.value, hub.VersionExists)
+    assert [str(v.version) for v in hub.versions(repo_id, endpoint=hub_server.url)] == ["1.0.0", "1.1.0", "1.2.0",
+                                                                                        "1.3.0"]
+
+
 def test_push_follows_symlinked_files(hub_server, two_versions, tmp_path, repo_id):
     """The folder `pull` returns is a cache snapshot whose files are symlinks into blobs/: pushing it publishes
     the files' contents, as huggingface_hub's own upload does."""
@@ -202,6 +249,14 @@ def test_merge_output_equals_adapter_output(hub_server, tmp_path, repo_id):
     assert not torch.allclose(model_output(merged, batch), model_output(tiny_gpt2(seed=3), batch), atol=1e-3)
     with pytest.raises(hub.HubError, match="already exists and is not empty"):
         hub.merge(tmp_path / "adapter", tmp_path / "base", tmp_path / "merged")
+    for taken in (repo_id, repo_id + "-merged"):  # an adapter's repo, a merged one: never mixed with the upload
+        files = HfApi(endpoint=hub_server.url).list_repo_files(taken)
+        with pytest.raises(hub.HubError, match=rf"^{taken} already exists and is not empty \(.*\); push the merged "
+                                               rf"model to a new repo$"):
+            hub.merge(tmp_path / "adapter", tmp_path / "base", tmp_path / "again", push_to=taken,
+                      endpoint=hub_server.url)
+        assert HfApi(endpoint=hub_server.url).list_repo_files(taken) == files
+    assert not (tmp_path / "again").exists()  # refused before merging
 
 
 def test_peft_loads_a_version_from_the_server(hub_server, two_versions, tmp_path, repo_id):

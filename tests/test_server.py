@@ -164,6 +164,13 @@ def test_auth(hub_token, tmp_path, capfd):
     assert HUB_TOKEN not in out.out + out.err and "POST /api/repos/create 401" in out.err
 
 
+@pytest.mark.parametrize("token", ["", "  "])
+def test_empty_token_is_refused_at_start(tmp_path, token):
+    with pytest.raises(ValueError, match="token is empty"):
+        serve(tmp_path / "root", token=token)
+    assert not (tmp_path / "root").exists()
+
+
 def test_settings_change_only_what_the_body_names(hub_server):
     api = HfApi(endpoint=hub_server.url)
     api.create_repo(REPO, private=True)

@@ -49,9 +49,10 @@ class HubServer:
     ``"regular"`` for every file, the only mode that also works for a client with ``hf_xet`` installed, which
     would otherwise send every LFS file through Xet, a protocol this server does not speak.
     `max_upload_bytes` bounds one file and one commit; `user` is the name ``whoami`` returns and the default
-    namespace; `log` writes one line per request to stderr. One server per `root`: a second one is refused
-    (OSError) while this one holds it; start-up, once bound and holding the root, empties the temp folders of
-    uploads that a crashed server left behind.
+    namespace; `log` writes one line per request to stderr. An empty or blank `token` is refused (ValueError):
+    it would accept an empty Bearer for writes. One server per `root`: a second one is refused (OSError) while
+    this one holds it; start-up, once bound and holding the root, empties the temp folders of uploads that a
+    crashed server left behind.
     """
 
     def __init__(
@@ -66,6 +67,8 @@ class HubServer:
         user: str = "local",
         log: bool = False,
     ):
+        if token is not None and not token.strip():  # an empty Bearer would then be accepted for writes
+            raise ValueError("the server token is empty: give a non-empty token, or none for a server without auth")
         self._httpd = _HTTPServer((host, port), Request)  # first: a start that cannot bind touches nothing
         try:
             self.store = Store(root)

@@ -135,15 +135,17 @@ class Repo:
         return self._read("refs.json")
 
     def resolve(self, revision: str) -> str:
-        """A branch, a tag (bare or ``refs/heads/…``, ``refs/tags/…``) or a commit id -> commit id."""
+        """A branch, a tag (bare or ``refs/heads/…``, ``refs/tags/…``) or a commit id -> commit id. A bare name
+        that is both a tag and a branch is the tag, as git resolves it (so a branch ``v1.0.0`` cannot hide a
+        version)."""
         refs = self.refs()
         for prefix, kind in (("refs/heads/", "branches"), ("refs/tags/", "tags")):
             if revision.startswith(prefix) and revision[len(prefix) :] in refs[kind]:
                 return refs[kind][revision[len(prefix) :]]
-        if revision in refs["branches"]:
-            return refs["branches"][revision]
         if revision in refs["tags"]:
             return refs["tags"][revision]
+        if revision in refs["branches"]:
+            return refs["branches"][revision]
         if COMMIT_ID.fullmatch(revision) and (self.path / "commits" / f"{revision}.json").is_file():
             return revision
         raise HubError(404, f"Revision {revision[:200]!r} not found in {self.repo_id}", "RevisionNotFound")
