@@ -119,7 +119,8 @@ def inject(
     meta = [path for path in targets if any(p.is_meta for p in model.get_submodule(path).parameters())]
     if meta:
         raise ConfigError(
-            f"{meta[0]!r} (and {len(meta) - 1} more) has its weights on the meta device: LoRA's A and B would be "
+            f"{meta[0]!r}{f' (and {len(meta) - 1} more)' if len(meta) > 1 else ''} has its weights on the meta "
+            f"device: LoRA's A and B would be "
             f"made there uninitialised, and materialising the model (to_empty + reset_parameters) does not "
             f"initialise them (B = 0 at the start); inject once the base weights are real (materialised or loaded)"
         )
