@@ -52,7 +52,7 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
     config = resolve_config(model, config)
     spec = config.target_modules
     all_linear = spec == "all-linear"
-    head = _output_head(model) if all_linear else None
+    head = output_head(model) if all_linear else None
     inside_lora = [p + "." for p, _ in lora_layers(model)]
     paths = [p for p, _ in model.named_modules()]
     saved = [p for p in paths if is_saved_module(config.modules_to_save, p)]
@@ -120,9 +120,9 @@ def inject(
     if meta:
         raise ConfigError(
             f"{meta[0]!r}{f' (and {len(meta) - 1} more)' if len(meta) > 1 else ''} has its weights on the meta "
-            f"device: LoRA's A and B would be "
-            f"made there uninitialised, and materialising the model (to_empty + reset_parameters) does not "
-            f"initialise them (B = 0 at the start); inject once the base weights are real (materialised or loaded)"
+            f"device: LoRA's A and B would be made there uninitialised, and materialising the model (to_empty + "
+            f"reset_parameters) does not initialise them (B = 0 at the start); inject once the base weights are "
+            f"real (materialised or loaded)"
         )
     if any(isinstance(m, LoRALayer) and m.merged_adapters for _, m in lora_layers(model)):
         raise RuntimeError("the model has merged adapters; unmerge(model) before injecting another adapter")
@@ -351,7 +351,8 @@ def _check_name(adapter_name: str) -> None:
         )
 
 
-def _output_head(model: nn.Module) -> nn.Module | None:
+def output_head(model: nn.Module) -> nn.Module | None:
+    """The model's output head (transformers' ``get_output_embeddings``), or None."""
     get = getattr(model, "get_output_embeddings", None)
     return get() if callable(get) else None
 

@@ -31,13 +31,13 @@ from torch import nn
 from . import quant
 from .config import PEFT_HEADS, ConfigError, LoRAConfig, is_saved_module
 from .inject import (
-    _output_head,
     adapter_configs,
     extra_buffers,
     extra_trainable,
     find_targets,
     inject,
     lora_layers,
+    output_head,
     resolve_config,
     same_adapter,
 )
@@ -131,7 +131,7 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
         for kind, params in layer.named_children():
             if kind in _KIND_SUFFIX and adapter_name in params:
                 out[_key(f"{path}.{_KIND_SUFFIX[kind]}")] = params[adapter_name]
-    for name, tensor in {**extra_trainable(model, config), **extra_buffers(model, config)}.items():
+    for name, tensor in _extras(model, config).items():
         out[_key(name)] = tensor
     return {k: v.detach() for k, v in out.items()}
 
@@ -454,7 +454,7 @@ def _expected_shapes(model: nn.Module, config: LoRAConfig) -> dict[str, tuple[in
             out[_key(f"{path}.lora_magnitude_vector")] = shape_b[:1]
     # modules_to_save and bias parameters keep their paths, under base_layer once their module is wrapped.
     targets = set(targets)
-    extra = {n: tuple(t.shape) for n, t in {**extra_trainable(model, config), **extra_buffers(model, config)}.items()}
+    extra = {n: tuple(t.shape) for n, t in _extras(model, config).items()}
     if config.bias == "lora_only":
         extra.update({f"{t}.bias": tuple(b.shape) for t in targets
                       if (b := model.get_submodule(t)._parameters.get("bias")) is not None})
@@ -464,11 +464,16 @@ def _expected_shapes(model: nn.Module, config: LoRAConfig) -> dict[str, tuple[in
     return out
 
 
+def _extras(model: nn.Module, config: LoRAConfig) -> dict[str, torch.Tensor]:
+    """What an adapter saves beside A and B, by name: modules_to_save (parameters and buffers) and biases."""
+    return {**extra_trainable(model, config), **extra_buffers(model, config)}
+
+
 def _embedding_bases(model: nn.Module, targets: list[str]) -> dict[str, nn.Module]:
     """The base layers whose full weight PEFT may save beside an adapter with these `targets`, by that weight's
     key: each targeted Embedding and the targeted output head (``<path>.base_layer.weight``), and the input and
     output embeddings when not targeted (``<path>.weight``: PEFT saves them after a vocabulary resize)."""
-    head = _output_head(model)
+    head = output_head(model)
     out = {}
     for path in targets:
         module = model.get_submodule(path)
