@@ -17,6 +17,7 @@ import hashlib
 import os
 import re
 import shutil
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -267,7 +268,8 @@ def _pull(spec: str, local_dir, endpoint, token, cache_dir) -> tuple[Path, Adapt
     if not offline:
         with atomic_write(snapshot.parent.parent / "refs" / version.tag) as tmp:
             tmp.write_text(sha)
-    _verify(snapshot, expected if expected is not None else _cached_hashes(snapshot), f"{repo_id}@{version}")
+    what = f"{repo_id}@{version}"
+    _verify(snapshot, expected if expected is not None else _cached_hashes(snapshot, what), what)
     out = snapshot if local_dir is None else _copy_files(snapshot, Path(local_dir))
     return out, _validate(out)
 
@@ -288,13 +290,22 @@ def _hub_hash(entry) -> tuple[str, str]:
     return ("sha256", entry.lfs.sha256) if entry.lfs else ("git-sha1", entry.blob_id)
 
 
-def _cached_hashes(snapshot: Path) -> dict[str, tuple[str, str]]:
-    """What the hub said each file's hash was when it was downloaded: the cache names blobs by their ETag."""
-    out = {}
-    for path in snapshot.rglob("*"):
-        if path.is_file():
-            etag = Path(os.readlink(path)).name if path.is_symlink() else ""
-            out[path.relative_to(snapshot).as_posix()] = ("sha256" if len(etag) == 64 else "git-sha1", etag)
+def _cached_hashes(snapshot: Path, what: str) -> dict[str, tuple[str, str]]:
+    """What the hub said each file's hash was when it was downloaded: the cache names blobs by their ETag and
+    links the snapshot's files to them. A cache without links (``HF_HUB_DISABLE_SYMLINKS``, Windows without
+    developer mode) moves the blobs into the snapshot and keeps no hash: such files are not verified, with a
+    warning, rather than refused."""
+    out, copies = {}, []
+    for path in sorted(snapshot.rglob("*")):
+        name = path.relative_to(snapshot).as_posix()
+        if path.is_symlink():
+            etag = Path(os.readlink(path)).name
+            out[name] = ("sha256" if len(etag) == 64 else "git-sha1", etag)
+        elif path.is_file():
+            copies.append(name)
+    if copies:
+        warnings.warn(f"{what}: {', '.join(copies)} not verified: the cache holds copies, which keep no record of "
+                      f"the hub's hashes (symlinks disabled); pull online to verify", stacklevel=4)
     return out
 
 

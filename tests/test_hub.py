@@ -202,6 +202,18 @@ def test_pull_offline_from_cache_and_verifies_hashes(hub_server, two_versions, t
         hub.pull(f"{repo_id}@^1.0", endpoint=dead)
 
 
+def test_pull_offline_from_a_cache_without_symlinks(hub_server, two_versions, repo_id, monkeypatch):
+    """HF_HUB_DISABLE_SYMLINKS (or Windows without developer mode): the cache holds copies, which keep no record
+    of the hub's hashes. Offline pulls still work, with a warning that names what went unverified."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_SYMLINKS", True)
+    online = hub.pull(f"{repo_id}@^1.0", endpoint=hub_server.url)
+    assert not (online / "adapter_model.safetensors").is_symlink()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.warns(UserWarning, match=r"@1\.1\.0: \.gitattributes, README\.md, adapter_config\.json, adapter_model\.safetensors "
+                      r"not verified: the cache holds copies"):
+        assert hub.pull(f"{repo_id}@^1.0", endpoint="http://127.0.0.1:9") == online
+
+
 def test_lfs_upload_path_verifies_sha256(tmp_path, repo_id, monkeypatch):
     """With Xet disabled and the server asking for LFS, the weights travel through the LFS batch API and the
     pull checks them against the hub's sha256."""
