@@ -13,7 +13,13 @@ from pathlib import Path
 import pytest
 from conftest import HUB_TOKEN
 from helpers import point_hf_client
-from huggingface_hub import CommitOperationDelete, HfApi, hf_hub_download, snapshot_download
+from huggingface_hub import (
+    CommitOperationAdd,
+    CommitOperationDelete,
+    HfApi,
+    hf_hub_download,
+    snapshot_download,
+)
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError
 
 from hub.server import serve
@@ -416,3 +422,19 @@ def test_server_refuses_what_the_client_refuses():
     assert check_path("a/.gitattributes") == "a/.gitattributes"
     code = "import sys, hub.server; assert not {'torch', 'lightning_lora'} & set(sys.modules), 'heavy import'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_a_path_cannot_be_both_a_file_and_a_folder(hub_server, tmp_path):
+    """Git cannot hold ``x`` beside ``x/y`` (the Hub refuses it); accepted, snapshot_download silently drops one."""
+    api = HfApi(endpoint=hub_server.url)
+    api.create_repo(REPO)
+    api.upload_file(path_or_fileobj=b"file", path_in_repo="x", repo_id=REPO)
+    with pytest.raises(HfHubHTTPError, match="'x' would be both a file and a folder") as err:
+        api.upload_file(path_or_fileobj=b"inside", path_in_repo="x/y", repo_id=REPO)
+    assert err.value.response.status_code == 409
+    api.upload_file(path_or_fileobj=b"inside", path_in_repo="d/y", repo_id=REPO)
+    with pytest.raises(HfHubHTTPError, match="'d' would be both a file and a folder \\(holding 'd/y'\\)"):
+        api.upload_file(path_or_fileobj=b"file", path_in_repo="d", repo_id=REPO)
+    api.create_commit(REPO, [CommitOperationDelete("x"), CommitOperationAdd("x/y", b"inside")], commit_message="mv")
+    pulled = Path(snapshot_download(REPO, local_dir=tmp_path / "pulled"))
+    assert (pulled / "x" / "y").read_bytes() == b"inside" and (pulled / "d" / "y").read_bytes() == b"inside"

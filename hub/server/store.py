@@ -306,6 +306,7 @@ class Repo:
                 for path in gone:
                     del files[path]
             files.update(adds)
+            _check_no_file_is_a_folder(files)
             commit_id = self._write_commit([head], title, message, author, files)
             _pause_for_tests()
             refs["branches"][branch] = commit_id
@@ -404,6 +405,19 @@ class Store:
         with repo.locked():
             os.rename(repo.path, gone)
         shutil.rmtree(gone, ignore_errors=True)
+
+
+def _check_no_file_is_a_folder(files: dict) -> None:
+    """409 if a path is both a file and a folder (``x`` and ``x/y``): git cannot hold that tree, the Hub refuses
+    it, and a client downloading it would have to drop one of the two."""
+    folders = {path[:i] for path in files for i, c in enumerate(path) if c == "/"}
+    clash = min(folders.intersection(files), default=None)
+    if clash is not None:
+        inside = min(p for p in files if p.startswith(clash + "/"))
+        raise HubError(
+            409,
+            f"{clash!r} would be both a file and a folder (holding {inside!r}): delete one, or pick another path",
+        )
 
 
 def _pause_for_tests() -> None:
