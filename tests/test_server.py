@@ -438,3 +438,23 @@ def test_a_path_cannot_be_both_a_file_and_a_folder(hub_server, tmp_path):
     api.create_commit(REPO, [CommitOperationDelete("x"), CommitOperationAdd("x/y", b"inside")], commit_message="mv")
     pulled = Path(snapshot_download(REPO, local_dir=tmp_path / "pulled"))
     assert (pulled / "x" / "y").read_bytes() == b"inside" and (pulled / "d" / "y").read_bytes() == b"inside"
+
+
+def test_repo_info_carries_the_model_card_metadata(hub_server):
+    """Like the Hub: ``cardData`` from README.md's YAML, ``pipeline_tag`` (transformers' ``pipeline(model=)``
+    needs it) and tags derived from the card; per revision; no README or a broken YAML block: no card."""
+    api = HfApi(endpoint=hub_server.url)
+    api.create_repo(REPO)
+    assert api.model_info(REPO).card_data is None and api.model_info(REPO).tags == []
+    card = (
+        "---\nlibrary_name: peft\nbase_model: gpt2\npipeline_tag: text-generation\nlicense: mit\n"
+        "tags:\n- lora\n- peft\ndatasets: [imdb]\ndate: 2024-05-01\n---\n# card\n"
+    )
+    first = api.upload_file(path_or_fileobj=card.encode(), path_in_repo="README.md", repo_id=REPO).oid
+    info = api.model_info(REPO)
+    assert info.card_data.base_model == "gpt2" and info.card_data.to_dict()["date"] == "2024-05-01"
+    assert (info.library_name, info.pipeline_tag) == ("peft", "text-generation")
+    assert info.tags == ["peft", "text-generation", "lora", "base_model:gpt2", "license:mit", "dataset:imdb"]
+    api.upload_file(path_or_fileobj=b"---\n[not: a mapping\n---\n", path_in_repo="README.md", repo_id=REPO)
+    assert api.model_info(REPO).card_data is None and api.model_info(REPO).pipeline_tag is None
+    assert api.model_info(REPO, revision=first).card_data.license == "mit"

@@ -20,8 +20,11 @@ from collections.abc import Callable, Iterator
 from hashlib import sha1
 from typing import TYPE_CHECKING
 
+import yaml
+from huggingface_hub.repocard import metadata_load
+
 from .names import REPO_TYPES, URL_PREFIX, check_path, check_ref_name, check_repo_id
-from .store import HubError, git_blob_sha1, lfs_pointer
+from .store import HubError, Repo, git_blob_sha1, lfs_pointer
 
 if TYPE_CHECKING:
     from .app import Request
@@ -29,6 +32,7 @@ if TYPE_CHECKING:
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _LFS_JSON = "application/vnd.git-lfs+json"
 _SIGNATURE_TTL = 3600
+_CARD_LIMIT = 1 << 20  # a README.md read on every repo_info: bigger ones are not parsed for cardData
 
 
 # -- shapes the client parses --------------------------------------------------------------------------------
@@ -132,6 +136,43 @@ def repo_settings(req: Request, rtype: str, repo_id: str) -> None:
     req.send_json({"private": repo.meta["private"]})
 
 
+def _card_data(repo: Repo, files: dict) -> dict | None:
+    """The YAML metadata at the top of README.md, as the Hub returns it in ``cardData``; None without one, or
+    with one the client's own parser refuses (`huggingface_hub.repocard.metadata_load`)."""
+    entry = files.get("README.md")
+    if entry is None or entry["size"] > _CARD_LIMIT:
+        return None
+    try:
+        card = metadata_load(repo.blob_path(entry["sha256"]))
+    except (ValueError, yaml.YAMLError):
+        return None
+    return json.loads(json.dumps(card, default=str)) if card else None  # YAML dates become strings
+
+
+def _strings(value: object) -> list[str]:
+    """A card field that may be one string or a list of them (``base_model``, ``tags``...)."""
+    items = value if isinstance(value, list) else [value]
+    return [item for item in items if isinstance(item, str)]
+
+
+def _card_fields(card: dict | None) -> dict:
+    """What `repo_info` shows of a card: ``cardData``, ``library_name``, ``pipeline_tag`` (transformers'
+    ``pipeline(model=...)`` reads it) and the tags the Hub derives from a card alone: library, task, the card's
+    own tags, ``base_model:``, ``license:`` and ``dataset:`` ones (transformers looks for ``base_model:...``)."""
+    if card is None:
+        return {}
+    tags = [
+        *_strings(card.get("library_name")),
+        *_strings(card.get("pipeline_tag")),
+        *_strings(card.get("tags")),
+        *(f"base_model:{b}" for b in _strings(card.get("base_model"))),
+        *(f"license:{x}" for x in _strings(card.get("license"))),
+        *(f"dataset:{d}" for d in _strings(card.get("datasets"))),
+    ]
+    named = {key: card[key] for key in ("library_name", "pipeline_tag") if isinstance(card.get(key), str)}
+    return {"cardData": card, "tags": list(dict.fromkeys(tags)), **named}
+
+
 def repo_info(req: Request, rtype: str, repo_id: str, revision: str = "main") -> None:
     repo = req.read_repo(rtype, repo_id)
     commit = repo.snapshot(revision)
@@ -165,6 +206,7 @@ def repo_info(req: Request, rtype: str, repo_id: str, revision: str = "main") ->
             "tags": [],
             "siblings": siblings,
             "usedStorage": sum(e["size"] for e in commit["files"].values()),
+            **_card_fields(_card_data(repo, commit["files"])),
         }
     )
 
