@@ -17,6 +17,7 @@ from huggingface_hub import (
     CommitOperationAdd,
     CommitOperationDelete,
     HfApi,
+    HfFileSystem,
     hf_hub_download,
     snapshot_download,
 )
@@ -458,3 +459,24 @@ def test_repo_info_carries_the_model_card_metadata(hub_server):
     api.upload_file(path_or_fileobj=b"---\n[not: a mapping\n---\n", path_in_repo="README.md", repo_id=REPO)
     assert api.model_info(REPO).card_data is None and api.model_info(REPO).pipeline_tag is None
     assert api.model_info(REPO, revision=first).card_data.license == "mit"
+
+
+def test_expand_gives_each_entry_its_last_commit(hub_server):
+    """``expand=True`` listings carry ``lastCommit``: the newest commit that changed the file, or anything in the
+    folder, as of the revision listed; `HfFileSystem.modified` reads it."""
+    api = HfApi(endpoint=hub_server.url)
+    api.create_repo(REPO)
+    first = api.upload_file(path_or_fileobj=b"1", path_in_repo="d/a.txt", repo_id=REPO, commit_message="one")
+    second = api.upload_file(path_or_fileobj=b"2", path_in_repo="b.txt", repo_id=REPO, commit_message="two")
+    third = api.upload_file(path_or_fileobj=b"3", path_in_repo="d/e/c.txt", repo_id=REPO, commit_message="three")
+    api.upload_file(path_or_fileobj=b"2", path_in_repo="b.txt", repo_id=REPO)  # same content: no commit
+    last = {e.path: e.last_commit for e in api.list_repo_tree(REPO, recursive=True, expand=True)}
+    assert {p: c.oid for p, c in last.items() if p != ".gitattributes"} == {
+        "d": third.oid, "d/e": third.oid, "d/a.txt": first.oid, "d/e/c.txt": third.oid, "b.txt": second.oid
+    }
+    assert last["d/a.txt"].title == "one" and last[".gitattributes"].title == "initial commit"
+    infos = api.get_paths_info(REPO, ["d", "b.txt"], expand=True, revision=second.oid)
+    assert [(i.path, i.last_commit.oid) for i in infos] == [("d", first.oid), ("b.txt", second.oid)]
+    assert api.list_repo_tree(REPO).__next__().last_commit is None  # not asked for: not computed
+    commits = {c.commit_id: c.created_at for c in api.list_repo_commits(REPO)}
+    assert HfFileSystem().modified(f"{REPO}/d/a.txt") == commits[first.oid]

@@ -66,6 +66,15 @@ def _entries(files: dict, commit_id: str, base: str, recursive: bool) -> list[di
     return [_dir_json(d, commit_id) for d in sorted(dirs)] + out
 
 
+def _expanded(repo: Repo, commit_id: str, entries: list[dict]) -> list[dict]:
+    """`entries` with the ``lastCommit`` that ``expand=true`` asks for (`HfFileSystem.modified` reads it)."""
+    last = repo.last_commits(commit_id, [e["path"] for e in entries])
+    for entry in entries:
+        commit = last[entry["path"]]
+        entry["lastCommit"] = {"id": commit["id"], "title": commit["title"], "date": commit["date"]}
+    return entries
+
+
 def _repo_url(req: Request, rtype: str, repo_id: str) -> str:
     return f"{req.base_url()}/{URL_PREFIX[rtype]}{repo_id}"
 
@@ -268,7 +277,8 @@ def delete_ref(kind: str) -> Callable:
 
 # -- listing files -------------------------------------------------------------------------------------------
 def list_tree(req: Request, rtype: str, repo_id: str, revision: str, path: str) -> None:
-    commit = req.read_repo(rtype, repo_id).snapshot(revision)
+    repo = req.read_repo(rtype, repo_id)
+    commit = repo.snapshot(revision)
     if path:
         check_path(path)
     entries = _entries(commit["files"], commit["id"], path, req.query.get("recursive", "").lower() == "true")
@@ -276,18 +286,23 @@ def list_tree(req: Request, rtype: str, repo_id: str, revision: str, path: str) 
         raise HubError(
             404, f"no folder {path!r} at {revision}", "EntryNotFound", {"X-Repo-Commit": commit["id"]}
         )
+    if req.query.get("expand", "").lower() == "true":
+        entries = _expanded(repo, commit["id"], entries)
     req.send_json(entries)
 
 
 def paths_info(req: Request, rtype: str, repo_id: str, revision: str) -> None:
-    commit = req.read_repo(rtype, repo_id).snapshot(revision)
-    out = []
-    for path in req.form_body().get("paths", []):
+    repo = req.read_repo(rtype, repo_id)
+    commit = repo.snapshot(revision)
+    form, out = req.form_body(), []
+    for path in form.get("paths", []):
         path = check_path(path.strip("/"))
         if path in commit["files"]:
             out.append(_file_json(path, commit["files"][path]))
         elif any(p.startswith(path + "/") for p in commit["files"]):
             out.append(_dir_json(path, commit["id"]))
+    if form.get("expand", [""])[-1].lower() == "true":
+        out = _expanded(repo, commit["id"], out)
     req.send_json(out)
 
 

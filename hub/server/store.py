@@ -166,6 +166,23 @@ class Repo:
             commit_id = commit["parents"][0] if commit["parents"] else None
         return out
 
+    def last_commits(self, commit_id: str, paths: Iterable[str]) -> dict[str, dict]:
+        """For each of `paths` (a file, or a folder: anything under it), the newest commit on the first-parent
+        chain from `commit_id` that changed it: the Hub's ``lastCommit`` in ``expand=true`` listings."""
+        left, found = set(paths), {}
+        commit = self.commit(commit_id)
+        while left:
+            parent = self.commit(commit["parents"][0]) if commit["parents"] else None
+            now, before = commit["files"], parent["files"] if parent else {}
+            changed = {p for p in now.keys() | before.keys() if now.get(p) != before.get(p)}
+            for path in [p for p in left if any(c == p or c.startswith(p + "/") for c in changed)]:
+                found[path] = commit
+                left.discard(path)
+            if parent is None:
+                break
+            commit = parent
+        return found
+
     def blob_path(self, sha256: str) -> Path:
         return self.path / "objects" / sha256[:2] / sha256[2:]
 
