@@ -426,7 +426,8 @@ def test_server_refuses_what_the_client_refuses():
 
 
 def test_a_path_cannot_be_both_a_file_and_a_folder(hub_server, tmp_path):
-    """Git cannot hold ``x`` beside ``x/y`` (the Hub refuses it); accepted, snapshot_download silently drops one."""
+    """Git cannot hold ``x`` beside ``x/y`` (the Hub refuses it); accepted, snapshot_download silently dropped
+    one."""
     api = HfApi(endpoint=hub_server.url)
     api.create_repo(REPO)
     api.upload_file(path_or_fileobj=b"file", path_in_repo="x", repo_id=REPO)
@@ -436,7 +437,8 @@ def test_a_path_cannot_be_both_a_file_and_a_folder(hub_server, tmp_path):
     api.upload_file(path_or_fileobj=b"inside", path_in_repo="d/y", repo_id=REPO)
     with pytest.raises(HfHubHTTPError, match="'d' would be both a file and a folder \\(holding 'd/y'\\)"):
         api.upload_file(path_or_fileobj=b"file", path_in_repo="d", repo_id=REPO)
-    api.create_commit(REPO, [CommitOperationDelete("x"), CommitOperationAdd("x/y", b"inside")], commit_message="mv")
+    moved = [CommitOperationDelete("x"), CommitOperationAdd("x/y", b"inside")]
+    api.create_commit(REPO, moved, commit_message="mv")  # one commit may turn a file into a folder
     pulled = Path(snapshot_download(REPO, local_dir=tmp_path / "pulled"))
     assert (pulled / "x" / "y").read_bytes() == b"inside" and (pulled / "d" / "y").read_bytes() == b"inside"
 
@@ -462,19 +464,19 @@ def test_repo_info_carries_the_model_card_metadata(hub_server):
 
 
 def test_expand_gives_each_entry_its_last_commit(hub_server):
-    """``expand=True`` listings carry ``lastCommit``: the newest commit that changed the file, or anything in the
-    folder, as of the revision listed; `HfFileSystem.modified` reads it."""
+    """``expand=True`` listings carry ``lastCommit``: the newest commit that changed the file, or anything in
+    the folder, as of the revision listed; `HfFileSystem.modified` reads it."""
     api = HfApi(endpoint=hub_server.url)
     api.create_repo(REPO)
     first = api.upload_file(path_or_fileobj=b"1", path_in_repo="d/a.txt", repo_id=REPO, commit_message="one")
     second = api.upload_file(path_or_fileobj=b"2", path_in_repo="b.txt", repo_id=REPO, commit_message="two")
-    third = api.upload_file(path_or_fileobj=b"3", path_in_repo="d/e/c.txt", repo_id=REPO, commit_message="three")
+    third = api.upload_file(path_or_fileobj=b"3", path_in_repo="d/e/c.txt", repo_id=REPO, commit_message="3")
     api.upload_file(path_or_fileobj=b"2", path_in_repo="b.txt", repo_id=REPO)  # same content: no commit
     last = {e.path: e.last_commit for e in api.list_repo_tree(REPO, recursive=True, expand=True)}
     assert {p: c.oid for p, c in last.items() if p != ".gitattributes"} == {
         "d": third.oid, "d/e": third.oid, "d/a.txt": first.oid, "d/e/c.txt": third.oid, "b.txt": second.oid
     }
-    assert last["d/a.txt"].title == "one" and last[".gitattributes"].title == "initial commit"
+    assert [last[p].title for p in ("d/a.txt", "d", ".gitattributes")] == ["one", "3", "initial commit"]
     infos = api.get_paths_info(REPO, ["d", "b.txt"], expand=True, revision=second.oid)
     assert [(i.path, i.last_commit.oid) for i in infos] == [("d", first.oid), ("b.txt", second.oid)]
     assert api.list_repo_tree(REPO).__next__().last_commit is None  # not asked for: not computed

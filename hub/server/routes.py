@@ -166,8 +166,9 @@ def _strings(value: object) -> list[str]:
 
 def _card_fields(card: dict | None) -> dict:
     """What `repo_info` shows of a card: ``cardData``, ``library_name``, ``pipeline_tag`` (transformers'
-    ``pipeline(model=...)`` reads it) and the tags the Hub derives from a card alone: library, task, the card's
-    own tags, ``base_model:``, ``license:`` and ``dataset:`` ones (transformers looks for ``base_model:...``)."""
+    ``pipeline(model=...)`` reads it) and the tags the Hub derives from a card alone: library, task, the
+    card's own tags, ``base_model:``, ``license:`` and ``dataset:`` ones (transformers looks for
+    ``base_model:...``)."""
     if card is None:
         return {}
     tags = [
