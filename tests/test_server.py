@@ -482,3 +482,22 @@ def test_expand_gives_each_entry_its_last_commit(hub_server):
     assert api.list_repo_tree(REPO).__next__().last_commit is None  # not asked for: not computed
     commits = {c.commit_id: c.created_at for c in api.list_repo_commits(REPO)}
     assert HfFileSystem().modified(f"{REPO}/d/a.txt") == commits[first.oid]
+
+
+def test_move_repo(hub_token):
+    """`HfApi.move_repo` renames a repo with its history, tags and privacy; a taken name is 409, no token 401."""
+    api = HfApi(endpoint=hub_token.url)
+    api.create_repo(REPO, private=True)
+    head = api.upload_file(path_or_fileobj=b"w", path_in_repo="w.bin", repo_id=REPO).oid
+    api.create_tag(REPO, tag="v1.0.0")
+    api.create_repo("team/taken")
+    with pytest.raises(HfHubHTTPError, match="a model repo team/taken exists"):
+        api.move_repo(REPO, "team/taken")
+    with pytest.raises(HfHubHTTPError, match="needs a token for writes"):
+        HfApi(endpoint=hub_token.url, token=False).move_repo(REPO, "other/renamed")
+    api.move_repo(REPO, "other/renamed")
+    assert not api.repo_exists(REPO)
+    info = api.model_info("other/renamed", revision="v1.0.0")
+    assert info.sha == head and info.private and len(api.list_repo_commits("other/renamed")) == 2
+    assert Path(hf_hub_download("other/renamed", "w.bin")).read_bytes() == b"w"
+    api.create_repo(REPO)  # the old name is free again

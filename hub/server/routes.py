@@ -94,10 +94,15 @@ def whoami(req: Request) -> None:
     )
 
 
-def _repo_from_body(req: Request, body: dict) -> tuple[str, str]:
+def _repo_type(body: dict) -> str:
     rtype = body.get("type") or "model"
     if rtype not in URL_PREFIX:
         raise HubError(400, f"unknown repo type {rtype!r}: use model, dataset or space")
+    return rtype
+
+
+def _repo_from_body(req: Request, body: dict) -> tuple[str, str]:
+    rtype = _repo_type(body)
     namespace, name = body.get("organization") or req.hub.user, body.get("name")
     if not isinstance(namespace, str) or not isinstance(name, str):
         raise HubError(400, "'name' (and 'organization', if given) must be strings")
@@ -132,6 +137,17 @@ def delete_repo(req: Request) -> None:
     req.require_write()
     rtype, repo_id = _repo_from_body(req, req.json_body())
     req.hub.store.delete(rtype, repo_id)
+    req.send_json({})
+
+
+def move_repo(req: Request) -> None:
+    req.require_write()
+    body = req.json_body()
+    rtype, ids = _repo_type(body), [body.get("fromRepo"), body.get("toRepo")]
+    if not all(isinstance(i, str) and i.count("/") == 1 for i in ids):
+        raise HubError(400, "'fromRepo' and 'toRepo' must be repo ids 'namespace/name'")
+    source, target = (check_repo_id(*i.split("/")) for i in ids)
+    req.hub.store.move(rtype, source, target)
     req.send_json({})
 
 
@@ -543,6 +559,7 @@ _PLAIN: dict[tuple[str, ...], Callable] = {
     ("GET", "whoami-v2"): whoami,
     ("POST", "repos", "create"): create_repo,
     ("DELETE", "repos", "delete"): delete_repo,
+    ("POST", "repos", "move"): move_repo,
     ("POST", "validate-yaml"): validate_yaml,
 }
 

@@ -416,6 +416,19 @@ class Store:
             raise HubError(409, f"You already created this {rtype} repo: {repo_id}") from None
         return Repo(path, rtype, repo_id)
 
+    def move(self, rtype: str, repo_id: str, new_id: str) -> None:
+        """Rename a repo (`HfApi.move_repo`), history, tags and privacy kept; 409 if `new_id` exists."""
+        repo = self.get(rtype, repo_id)
+        target = self._path(rtype, new_id)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with repo.locked():
+            try:
+                os.rename(repo.path, target)  # atomic; fails if the target exists and is not empty
+            except OSError:
+                raise HubError(
+                    409, f"cannot move {repo_id} to {new_id}: a {rtype} repo {new_id} exists"
+                ) from None
+
     def delete(self, rtype: str, repo_id: str) -> None:
         repo = self.get(rtype, repo_id)
         gone = self.root / "trash" / uuid.uuid4().hex
