@@ -485,7 +485,8 @@ def test_expand_gives_each_entry_its_last_commit(hub_server):
 
 
 def test_move_repo(hub_token):
-    """`HfApi.move_repo` renames a repo with its history, tags and privacy; a taken name is 409, no token 401."""
+    """`HfApi.move_repo` renames a repo, with its history, tags and privacy; a taken name is 409, no token
+    401."""
     api = HfApi(endpoint=hub_token.url)
     api.create_repo(REPO, private=True)
     head = api.upload_file(path_or_fileobj=b"w", path_in_repo="w.bin", repo_id=REPO).oid
