@@ -381,6 +381,18 @@ def test_malformed_chunk_size_is_400_not_500(hub_server, capfd):
     assert len(HfApi(endpoint=hub_server.url).list_repo_commits(REPO)) == 1
 
 
+def test_error_message_cannot_inject_headers(hub_server):
+    """A request value echoed in ``X-Error-Message`` with CR/LF in it must not end the header (response
+    splitting); the JSON body keeps the message as it was."""
+    HfApi(endpoint=hub_server.url).create_repo(REPO)
+    status, headers, body = _raw(
+        hub_server, "POST", f"/lfs-verify/model/{REPO}", {"oid": "zz\r\nX-Evil: injected", "size": 1}
+    )
+    assert status == 422 and headers["X-Evil"] is None
+    assert headers["X-Error-Message"].startswith("LFS object zz X-Evil: injected was not uploaded")
+    assert json.loads(body)["error"].startswith("LFS object zz\r\nX-Evil")
+
+
 def test_logs_never_carry_the_query_string(hub_server, capfd):
     import socket
 
