@@ -4,6 +4,7 @@ with an LFS threshold (the LFS batch API); token auth; path traversal; upload li
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.client
 import json
@@ -470,9 +471,29 @@ def test_repo_info_carries_the_model_card_metadata(hub_server):
     assert info.card_data.base_model == "gpt2" and info.card_data.to_dict()["date"] == "2024-05-01"
     assert (info.library_name, info.pipeline_tag) == ("peft", "text-generation")
     assert info.tags == ["peft", "text-generation", "lora", "base_model:gpt2", "license:mit", "dataset:imdb"]
-    api.upload_file(path_or_fileobj=b"---\n[not: a mapping\n---\n", path_in_repo="README.md", repo_id=REPO)
+    api.upload_file(path_or_fileobj=b"# no metadata\n", path_in_repo="README.md", repo_id=REPO)
     assert api.model_info(REPO).card_data is None and api.model_info(REPO).pipeline_tag is None
     assert api.model_info(REPO, revision=first).card_data.license == "mit"
+    broken = {"content": base64.b64encode(b"---\n- a list\n---\n").decode(), "path": "README.md"}
+    payload = _ndjson({"key": "header", "value": {"summary": "unchecked"}}, {"key": "file", "value": broken})
+    assert _raw(hub_server, "POST", f"/api/models/{REPO}/commit/main", payload)[0] == 200
+    assert api.model_info(REPO).card_data is None and api.model_info(REPO).tags == []
+
+
+def test_readme_with_broken_metadata_is_refused_before_upload(hub_server, tmp_path):
+    """As the client's docs promise (and the Hub does): README.md whose YAML block does not parse, or is not
+    a mapping, fails with a ValueError that says why, before anything is uploaded."""
+    api = HfApi(endpoint=hub_server.url)
+    api.create_repo(REPO)
+    for readme, why in [(b"---\n[not: closed\n---\n", "does not parse"), (b"---\n- a\n---\n", "a mapping")]:
+        with pytest.raises(ValueError, match=f"Invalid metadata in README.md.\n- .*{why}"):
+            api.upload_file(path_or_fileobj=readme, path_in_repo="README.md", repo_id=REPO)
+        (tmp_path / "README.md").write_bytes(readme)
+        with pytest.raises(ValueError, match=why):
+            api.upload_folder(folder_path=tmp_path, repo_id=REPO)
+    assert len(api.list_repo_commits(REPO)) == 1
+    fine = b"---\n---\n# empty metadata is fine\n"
+    api.upload_file(path_or_fileobj=fine, path_in_repo="README.md", repo_id=REPO)
 
 
 def test_expand_gives_each_entry_its_last_commit(hub_server):

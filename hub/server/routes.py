@@ -21,7 +21,7 @@ from hashlib import sha1
 from typing import TYPE_CHECKING
 
 import yaml
-from huggingface_hub.repocard import metadata_load
+from huggingface_hub.repocard import REGEX_YAML_BLOCK
 
 from .names import REPO_TYPES, URL_PREFIX, check_path, check_ref_name, check_repo_id
 from .store import HubError, Repo, git_blob_sha1, lfs_pointer
@@ -161,15 +161,31 @@ def repo_settings(req: Request, rtype: str, repo_id: str) -> None:
     req.send_json({"private": repo.meta["private"]})
 
 
+def _front_matter(text: str) -> dict | None:
+    """A README's YAML metadata block, found and read as the client does
+    (`huggingface_hub.repocard.metadata_load`): None without one, ValueError (YAMLError included) if it is
+    not a YAML mapping."""
+    match = REGEX_YAML_BLOCK.search(text)
+    if match is None:
+        return None
+    try:
+        data = yaml.safe_load(match.group(2))
+    except yaml.YAMLError as e:
+        raise ValueError(f"the YAML metadata block does not parse: {e}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ValueError("the YAML metadata block must be a mapping (key: value lines)")
+    return data
+
+
 def _card_data(repo: Repo, files: dict) -> dict | None:
     """The YAML metadata at the top of README.md, as the Hub returns it in ``cardData``; None without one, or
-    with one the client's own parser refuses (`huggingface_hub.repocard.metadata_load`)."""
+    with one that `validate_yaml` would have refused."""
     entry = files.get("README.md")
     if entry is None or entry["size"] > _CARD_LIMIT:
         return None
     try:
-        card = metadata_load(repo.blob_path(entry["sha256"]))
-    except (ValueError, yaml.YAMLError):
+        card = _front_matter(repo.blob_path(entry["sha256"]).read_text(encoding="utf-8-sig"))
+    except ValueError:  # UnicodeDecodeError too
         return None
     return json.loads(json.dumps(card, default=str)) if card else None  # YAML dates become strings
 
@@ -533,7 +549,17 @@ def no_xet(req: Request, *_: str) -> None:
 
 
 def validate_yaml(req: Request) -> None:
-    req.json_body()
+    """400 with ``errors`` for a README whose metadata block does not parse (the client then raises a
+    ValueError before uploading anything, as its docs promise); everything else is accepted."""
+    content = req.json_body().get("content")
+    if not isinstance(content, str):
+        raise HubError(400, "'content' must be the README's text")
+    try:
+        _front_matter(content)
+    except ValueError as e:
+        raise HubError(
+            400, f"Invalid metadata in README.md: {e}", extra={"errors": [{"message": str(e)}]}
+        ) from None
     req.send_json({"errors": [], "warnings": []})
 
 
