@@ -4,6 +4,7 @@ with an LFS threshold (the LFS batch API); token auth; path traversal; upload li
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.client
 import json
@@ -13,7 +14,14 @@ from pathlib import Path
 import pytest
 from conftest import HUB_TOKEN
 from helpers import point_hf_client
-from huggingface_hub import CommitOperationDelete, HfApi, hf_hub_download, snapshot_download
+from huggingface_hub import (
+    CommitOperationAdd,
+    CommitOperationDelete,
+    HfApi,
+    HfFileSystem,
+    hf_hub_download,
+    snapshot_download,
+)
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError
 
 from hub.server import serve
@@ -374,6 +382,18 @@ def test_malformed_chunk_size_is_400_not_500(hub_server, capfd):
     assert len(HfApi(endpoint=hub_server.url).list_repo_commits(REPO)) == 1
 
 
+def test_error_message_cannot_inject_headers(hub_server):
+    """A request value echoed in ``X-Error-Message`` with CR/LF in it must not end the header (response
+    splitting); the JSON body keeps the message as it was."""
+    HfApi(endpoint=hub_server.url).create_repo(REPO)
+    status, headers, body = _raw(
+        hub_server, "POST", f"/lfs-verify/model/{REPO}", {"oid": "zz\r\nX-Evil: injected", "size": 1}
+    )
+    assert status == 422 and headers["X-Evil"] is None
+    assert headers["X-Error-Message"].startswith("LFS object zz X-Evil: injected was not uploaded")
+    assert json.loads(body)["error"].startswith("LFS object zz\r\nX-Evil")
+
+
 def test_logs_never_carry_the_query_string(hub_server, capfd):
     import socket
 
@@ -416,3 +436,102 @@ def test_server_refuses_what_the_client_refuses():
     assert check_path("a/.gitattributes") == "a/.gitattributes"
     code = "import sys, hub.server; assert not {'torch', 'lightning_lora'} & set(sys.modules), 'heavy import'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_a_path_cannot_be_both_a_file_and_a_folder(hub_server, tmp_path):
+    """Git cannot hold ``x`` beside ``x/y`` (the Hub refuses it); accepted, snapshot_download silently dropped
+    one."""
+    api = HfApi(endpoint=hub_server.url)
+    api.create_repo(REPO)
+    api.upload_file(path_or_fileobj=b"file", path_in_repo="x", repo_id=REPO)
+    with pytest.raises(HfHubHTTPError, match="'x' would be both a file and a folder") as err:
+        api.upload_file(path_or_fileobj=b"inside", path_in_repo="x/y", repo_id=REPO)
+    assert err.value.response.status_code == 409
+    api.upload_file(path_or_fileobj=b"inside", path_in_repo="d/y", repo_id=REPO)
+    with pytest.raises(HfHubHTTPError, match="'d' would be both a file and a folder \\(holding 'd/y'\\)"):
+        api.upload_file(path_or_fileobj=b"file", path_in_repo="d", repo_id=REPO)
+    moved = [CommitOperationDelete("x"), CommitOperationAdd("x/y", b"inside")]
+    api.create_commit(REPO, moved, commit_message="mv")  # one commit may turn a file into a folder
+    pulled = Path(snapshot_download(REPO, local_dir=tmp_path / "pulled"))
+    assert (pulled / "x" / "y").read_bytes() == b"inside" and (pulled / "d" / "y").read_bytes() == b"inside"
+
+
+def test_repo_info_carries_the_model_card_metadata(hub_server):
+    """Like the Hub: ``cardData`` from README.md's YAML, ``pipeline_tag`` (transformers' ``pipeline(model=)``
+    needs it) and tags derived from the card; per revision; no README or a broken YAML block: no card."""
+    api = HfApi(endpoint=hub_server.url)
+    api.create_repo(REPO)
+    assert api.model_info(REPO).card_data is None and api.model_info(REPO).tags == []
+    card = (
+        "---\nlibrary_name: peft\nbase_model: gpt2\npipeline_tag: text-generation\nlicense: mit\n"
+        "tags:\n- lora\n- peft\ndatasets: [imdb]\ndate: 2024-05-01\n---\n# card\n"
+    )
+    first = api.upload_file(path_or_fileobj=card.encode(), path_in_repo="README.md", repo_id=REPO).oid
+    info = api.model_info(REPO)
+    assert info.card_data.base_model == "gpt2" and info.card_data.to_dict()["date"] == "2024-05-01"
+    assert (info.library_name, info.pipeline_tag) == ("peft", "text-generation")
+    assert info.tags == ["peft", "text-generation", "lora", "base_model:gpt2", "license:mit", "dataset:imdb"]
+    api.upload_file(path_or_fileobj=b"# no metadata\n", path_in_repo="README.md", repo_id=REPO)
+    assert api.model_info(REPO).card_data is None and api.model_info(REPO).pipeline_tag is None
+    assert api.model_info(REPO, revision=first).card_data.license == "mit"
+    broken = {"content": base64.b64encode(b"---\n- a list\n---\n").decode(), "path": "README.md"}
+    payload = _ndjson({"key": "header", "value": {"summary": "unchecked"}}, {"key": "file", "value": broken})
+    assert _raw(hub_server, "POST", f"/api/models/{REPO}/commit/main", payload)[0] == 200
+    assert api.model_info(REPO).card_data is None and api.model_info(REPO).tags == []
+
+
+def test_readme_with_broken_metadata_is_refused_before_upload(hub_server, tmp_path):
+    """As the client's docs promise (and the Hub does): README.md whose YAML block does not parse, or is not
+    a mapping, fails with a ValueError that says why, before anything is uploaded."""
+    api = HfApi(endpoint=hub_server.url)
+    api.create_repo(REPO)
+    for readme, why in [(b"---\n[not: closed\n---\n", "does not parse"), (b"---\n- a\n---\n", "a mapping")]:
+        with pytest.raises(ValueError, match=f"Invalid metadata in README.md.\n- .*{why}"):
+            api.upload_file(path_or_fileobj=readme, path_in_repo="README.md", repo_id=REPO)
+        (tmp_path / "README.md").write_bytes(readme)
+        with pytest.raises(ValueError, match=why):
+            api.upload_folder(folder_path=tmp_path, repo_id=REPO)
+    assert len(api.list_repo_commits(REPO)) == 1
+    fine = b"---\n---\n# empty metadata is fine\n"
+    api.upload_file(path_or_fileobj=fine, path_in_repo="README.md", repo_id=REPO)
+
+
+def test_expand_gives_each_entry_its_last_commit(hub_server):
+    """``expand=True`` listings carry ``lastCommit``: the newest commit that changed the file, or anything in
+    the folder, as of the revision listed; `HfFileSystem.modified` reads it."""
+    api = HfApi(endpoint=hub_server.url)
+    api.create_repo(REPO)
+    first = api.upload_file(path_or_fileobj=b"1", path_in_repo="d/a.txt", repo_id=REPO, commit_message="one")
+    second = api.upload_file(path_or_fileobj=b"2", path_in_repo="b.txt", repo_id=REPO, commit_message="two")
+    third = api.upload_file(path_or_fileobj=b"3", path_in_repo="d/e/c.txt", repo_id=REPO, commit_message="3")
+    api.upload_file(path_or_fileobj=b"2", path_in_repo="b.txt", repo_id=REPO)  # same content: no commit
+    last = {e.path: e.last_commit for e in api.list_repo_tree(REPO, recursive=True, expand=True)}
+    assert {p: c.oid for p, c in last.items() if p != ".gitattributes"} == {
+        "d": third.oid, "d/e": third.oid, "d/a.txt": first.oid, "d/e/c.txt": third.oid, "b.txt": second.oid
+    }
+    assert [last[p].title for p in ("d/a.txt", "d", ".gitattributes")] == ["one", "3", "initial commit"]
+    infos = api.get_paths_info(REPO, ["d", "b.txt"], expand=True, revision=second.oid)
+    assert [(i.path, i.last_commit.oid) for i in infos] == [("d", first.oid), ("b.txt", second.oid)]
+    assert api.list_repo_tree(REPO).__next__().last_commit is None  # not asked for: not computed
+    commits = {c.commit_id: c.created_at for c in api.list_repo_commits(REPO)}
+    assert HfFileSystem().modified(f"{REPO}/d/a.txt") == commits[first.oid]
+
+
+def test_move_repo(hub_token):
+    """`HfApi.move_repo` renames a repo, with its history, tags and privacy; a taken name is 409, no token
+    401."""
+    api = HfApi(endpoint=hub_token.url)
+    api.create_repo(REPO, private=True)
+    head = api.upload_file(path_or_fileobj=b"w", path_in_repo="w.bin", repo_id=REPO).oid
+    api.create_tag(REPO, tag="v1.0.0")
+    api.create_repo("team/taken")
+    with pytest.raises(HfHubHTTPError, match="a model repo team/taken exists"):
+        api.move_repo(REPO, "team/taken")
+    with pytest.raises(HfHubHTTPError, match="needs a token for writes"):
+        HfApi(endpoint=hub_token.url, token=False).move_repo(REPO, "other/renamed")
+    api.move_repo(REPO, "other/renamed")
+    assert not api.repo_exists(REPO)
+    info = api.model_info("other/renamed", revision="v1.0.0")
+    assert info.sha == head and info.private and len(api.list_repo_commits("other/renamed")) == 2
+    assert Path(hf_hub_download("other/renamed", "w.bin")).read_bytes() == b"w"
+    api.create_repo(REPO)  # the old name is free again

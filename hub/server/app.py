@@ -39,6 +39,7 @@ _DRAIN_LIMIT = 1 << 20
 _CHUNK = 1 << 20
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 _QUERY = re.compile(r"[?#]\S*")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 
 
 class HubServer:
@@ -312,8 +313,11 @@ class Request(BaseHTTPRequestHandler):
         self.send(status, json.dumps(value).encode(), headers, content_type)
 
     def send_error_json(self, error: HubError) -> None:
+        """The error as JSON and in ``X-Error-Message``: ASCII, control characters (which may come from the
+        request, or from a parser's multi-line message) blanked so that they cannot end the header."""
+        message = _CONTROL.sub(" ", error.message.encode("ascii", "backslashreplace").decode())
         headers = {
-            "X-Error-Message": error.message.encode("ascii", "backslashreplace").decode()[:2000],
+            "X-Error-Message": message[:2000],
             **error.headers,
         }
         if error.code:

@@ -20,8 +20,11 @@ from collections.abc import Callable, Iterator
 from hashlib import sha1
 from typing import TYPE_CHECKING
 
+import yaml
+from huggingface_hub.repocard import REGEX_YAML_BLOCK
+
 from .names import REPO_TYPES, URL_PREFIX, check_path, check_ref_name, check_repo_id
-from .store import HubError, git_blob_sha1, lfs_pointer
+from .store import HubError, Repo, git_blob_sha1, lfs_pointer
 
 if TYPE_CHECKING:
     from .app import Request
@@ -29,6 +32,7 @@ if TYPE_CHECKING:
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _LFS_JSON = "application/vnd.git-lfs+json"
 _SIGNATURE_TTL = 3600
+_CARD_LIMIT = 1 << 20  # a README.md read on every repo_info: bigger ones are not parsed for cardData
 
 
 # -- shapes the client parses --------------------------------------------------------------------------------
@@ -62,6 +66,15 @@ def _entries(files: dict, commit_id: str, base: str, recursive: bool) -> list[di
     return [_dir_json(d, commit_id) for d in sorted(dirs)] + out
 
 
+def _expanded(repo: Repo, commit_id: str, entries: list[dict]) -> list[dict]:
+    """`entries` with the ``lastCommit`` that ``expand=true`` asks for (`HfFileSystem.modified` reads it)."""
+    last = repo.last_commits(commit_id, [e["path"] for e in entries])
+    for entry in entries:
+        commit = last[entry["path"]]
+        entry["lastCommit"] = {"id": commit["id"], "title": commit["title"], "date": commit["date"]}
+    return entries
+
+
 def _repo_url(req: Request, rtype: str, repo_id: str) -> str:
     return f"{req.base_url()}/{URL_PREFIX[rtype]}{repo_id}"
 
@@ -81,10 +94,15 @@ def whoami(req: Request) -> None:
     )
 
 
-def _repo_from_body(req: Request, body: dict) -> tuple[str, str]:
+def _repo_type(body: dict) -> str:
     rtype = body.get("type") or "model"
     if rtype not in URL_PREFIX:
         raise HubError(400, f"unknown repo type {rtype!r}: use model, dataset or space")
+    return rtype
+
+
+def _repo_from_body(req: Request, body: dict) -> tuple[str, str]:
+    rtype = _repo_type(body)
     namespace, name = body.get("organization") or req.hub.user, body.get("name")
     if not isinstance(namespace, str) or not isinstance(name, str):
         raise HubError(400, "'name' (and 'organization', if given) must be strings")
@@ -122,6 +140,17 @@ def delete_repo(req: Request) -> None:
     req.send_json({})
 
 
+def move_repo(req: Request) -> None:
+    req.require_write()
+    body = req.json_body()
+    rtype, ids = _repo_type(body), [body.get("fromRepo"), body.get("toRepo")]
+    if not all(isinstance(i, str) and i.count("/") == 1 for i in ids):
+        raise HubError(400, "'fromRepo' and 'toRepo' must be repo ids 'namespace/name'")
+    source, target = (check_repo_id(*i.split("/")) for i in ids)
+    req.hub.store.move(rtype, source, target)
+    req.send_json({})
+
+
 def repo_settings(req: Request, rtype: str, repo_id: str) -> None:
     """Only visibility is a setting here (gating and the rest are accepted and ignored); it changes only when
     the body names it."""
@@ -130,6 +159,60 @@ def repo_settings(req: Request, rtype: str, repo_id: str) -> None:
     if private is not None:
         repo.set_private(private)
     req.send_json({"private": repo.meta["private"]})
+
+
+def _front_matter(text: str) -> dict | None:
+    """A README's YAML metadata block, found and read as the client does
+    (`huggingface_hub.repocard.metadata_load`): None without one, ValueError (YAMLError included) if it is
+    not a YAML mapping."""
+    match = REGEX_YAML_BLOCK.search(text)
+    if match is None:
+        return None
+    try:
+        data = yaml.safe_load(match.group(2))
+    except yaml.YAMLError as e:
+        raise ValueError(f"the YAML metadata block does not parse: {e}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ValueError("the YAML metadata block must be a mapping (key: value lines)")
+    return data
+
+
+def _card_data(repo: Repo, files: dict) -> dict | None:
+    """The YAML metadata at the top of README.md, as the Hub returns it in ``cardData``; None without one, or
+    with one that `validate_yaml` would have refused."""
+    entry = files.get("README.md")
+    if entry is None or entry["size"] > _CARD_LIMIT:
+        return None
+    try:
+        card = _front_matter(repo.blob_path(entry["sha256"]).read_text(encoding="utf-8-sig"))
+    except ValueError:  # UnicodeDecodeError too
+        return None
+    return json.loads(json.dumps(card, default=str)) if card else None  # YAML dates become strings
+
+
+def _strings(value: object) -> list[str]:
+    """A card field that may be one string or a list of them (``base_model``, ``tags``...)."""
+    items = value if isinstance(value, list) else [value]
+    return [item for item in items if isinstance(item, str)]
+
+
+def _card_fields(card: dict | None) -> dict:
+    """What `repo_info` shows of a card: ``cardData``, ``library_name``, ``pipeline_tag`` (transformers'
+    ``pipeline(model=...)`` reads it) and the tags the Hub derives from a card alone: library, task, the
+    card's own tags, ``base_model:``, ``license:`` and ``dataset:`` ones (transformers looks for
+    ``base_model:...``)."""
+    if card is None:
+        return {}
+    tags = [
+        *_strings(card.get("library_name")),
+        *_strings(card.get("pipeline_tag")),
+        *_strings(card.get("tags")),
+        *(f"base_model:{b}" for b in _strings(card.get("base_model"))),
+        *(f"license:{x}" for x in _strings(card.get("license"))),
+        *(f"dataset:{d}" for d in _strings(card.get("datasets"))),
+    ]
+    named = {key: card[key] for key in ("library_name", "pipeline_tag") if isinstance(card.get(key), str)}
+    return {"cardData": card, "tags": list(dict.fromkeys(tags)), **named}
 
 
 def repo_info(req: Request, rtype: str, repo_id: str, revision: str = "main") -> None:
@@ -165,6 +248,7 @@ def repo_info(req: Request, rtype: str, repo_id: str, revision: str = "main") ->
             "tags": [],
             "siblings": siblings,
             "usedStorage": sum(e["size"] for e in commit["files"].values()),
+            **_card_fields(_card_data(repo, commit["files"])),
         }
     )
 
@@ -226,7 +310,8 @@ def delete_ref(kind: str) -> Callable:
 
 # -- listing files -------------------------------------------------------------------------------------------
 def list_tree(req: Request, rtype: str, repo_id: str, revision: str, path: str) -> None:
-    commit = req.read_repo(rtype, repo_id).snapshot(revision)
+    repo = req.read_repo(rtype, repo_id)
+    commit = repo.snapshot(revision)
     if path:
         check_path(path)
     entries = _entries(commit["files"], commit["id"], path, req.query.get("recursive", "").lower() == "true")
@@ -234,18 +319,23 @@ def list_tree(req: Request, rtype: str, repo_id: str, revision: str, path: str) 
         raise HubError(
             404, f"no folder {path!r} at {revision}", "EntryNotFound", {"X-Repo-Commit": commit["id"]}
         )
+    if req.query.get("expand", "").lower() == "true":
+        entries = _expanded(repo, commit["id"], entries)
     req.send_json(entries)
 
 
 def paths_info(req: Request, rtype: str, repo_id: str, revision: str) -> None:
-    commit = req.read_repo(rtype, repo_id).snapshot(revision)
-    out = []
-    for path in req.form_body().get("paths", []):
+    repo = req.read_repo(rtype, repo_id)
+    commit = repo.snapshot(revision)
+    form, out = req.form_body(), []
+    for path in form.get("paths", []):
         path = check_path(path.strip("/"))
         if path in commit["files"]:
             out.append(_file_json(path, commit["files"][path]))
         elif any(p.startswith(path + "/") for p in commit["files"]):
             out.append(_dir_json(path, commit["id"]))
+    if form.get("expand", [""])[-1].lower() == "true":
+        out = _expanded(repo, commit["id"], out)
     req.send_json(out)
 
 
@@ -459,7 +549,17 @@ def no_xet(req: Request, *_: str) -> None:
 
 
 def validate_yaml(req: Request) -> None:
-    req.json_body()
+    """400 with ``errors`` for a README whose metadata block does not parse (the client then raises a
+    ValueError before uploading anything, as its docs promise); everything else is accepted."""
+    content = req.json_body().get("content")
+    if not isinstance(content, str):
+        raise HubError(400, "'content' must be the README's text")
+    try:
+        _front_matter(content)
+    except ValueError as e:
+        raise HubError(
+            400, f"Invalid metadata in README.md: {e}", extra={"errors": [{"message": str(e)}]}
+        ) from None
     req.send_json({"errors": [], "warnings": []})
 
 
@@ -485,6 +585,7 @@ _PLAIN: dict[tuple[str, ...], Callable] = {
     ("GET", "whoami-v2"): whoami,
     ("POST", "repos", "create"): create_repo,
     ("DELETE", "repos", "delete"): delete_repo,
+    ("POST", "repos", "move"): move_repo,
     ("POST", "validate-yaml"): validate_yaml,
 }
 

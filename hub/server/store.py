@@ -166,6 +166,23 @@ class Repo:
             commit_id = commit["parents"][0] if commit["parents"] else None
         return out
 
+    def last_commits(self, commit_id: str, paths: Iterable[str]) -> dict[str, dict]:
+        """For each of `paths` (a file, or a folder: anything under it), the newest commit on the first-parent
+        chain from `commit_id` that changed it: the Hub's ``lastCommit`` in ``expand=true`` listings."""
+        left, found = set(paths), {}
+        commit = self.commit(commit_id)
+        while left:
+            parent = self.commit(commit["parents"][0]) if commit["parents"] else None
+            now, before = commit["files"], parent["files"] if parent else {}
+            changed = {p for p in now.keys() | before.keys() if now.get(p) != before.get(p)}
+            for path in [p for p in left if any(c == p or c.startswith(p + "/") for c in changed)]:
+                found[path] = commit
+                left.discard(path)
+            if parent is None:
+                break
+            commit = parent
+        return found
+
     def blob_path(self, sha256: str) -> Path:
         return self.path / "objects" / sha256[:2] / sha256[2:]
 
@@ -306,6 +323,7 @@ class Repo:
                 for path in gone:
                     del files[path]
             files.update(adds)
+            _check_no_file_is_a_folder(files)
             commit_id = self._write_commit([head], title, message, author, files)
             _pause_for_tests()
             refs["branches"][branch] = commit_id
@@ -398,12 +416,38 @@ class Store:
             raise HubError(409, f"You already created this {rtype} repo: {repo_id}") from None
         return Repo(path, rtype, repo_id)
 
+    def move(self, rtype: str, repo_id: str, new_id: str) -> None:
+        """Rename a repo (`HfApi.move_repo`), history, tags and privacy kept; 409 if `new_id` exists."""
+        repo = self.get(rtype, repo_id)
+        target = self._path(rtype, new_id)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with repo.locked():
+            try:
+                os.rename(repo.path, target)  # atomic; fails if the target exists and is not empty
+            except OSError:
+                raise HubError(
+                    409, f"cannot move {repo_id} to {new_id}: a {rtype} repo {new_id} exists"
+                ) from None
+
     def delete(self, rtype: str, repo_id: str) -> None:
         repo = self.get(rtype, repo_id)
         gone = self.root / "trash" / uuid.uuid4().hex
         with repo.locked():
             os.rename(repo.path, gone)
         shutil.rmtree(gone, ignore_errors=True)
+
+
+def _check_no_file_is_a_folder(files: dict) -> None:
+    """409 if a path is both a file and a folder (``x`` and ``x/y``): git cannot hold that tree, the Hub refuses
+    it, and a client downloading it would have to drop one of the two."""
+    folders = {path[:i] for path in files for i, c in enumerate(path) if c == "/"}
+    clash = min(folders.intersection(files), default=None)
+    if clash is not None:
+        inside = min(p for p in files if p.startswith(clash + "/"))
+        raise HubError(
+            409,
+            f"{clash!r} would be both a file and a folder (holding {inside!r}): delete one, or pick another path",
+        )
 
 
 def _pause_for_tests() -> None:
