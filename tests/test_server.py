@@ -179,6 +179,14 @@ def test_empty_token_is_refused_at_start(tmp_path, token):
     assert not (tmp_path / "root").exists()
 
 
+def test_server_token_read_with_its_newline_still_matches(tmp_path):
+    """A token read from a file keeps its newline; the header's value is read stripped, so the server's is too."""
+    with serve(tmp_path / "root", token=HUB_TOKEN + "\n") as server:
+        HfApi(endpoint=server.url, token=HUB_TOKEN).create_repo(REPO)
+        with pytest.raises(HfHubHTTPError, match="401"):
+            HfApi(endpoint=server.url, token="wrong").create_repo("me/other")
+
+
 def test_settings_change_only_what_the_body_names(hub_server):
     api = HfApi(endpoint=hub_server.url)
     api.create_repo(REPO, private=True)

@@ -50,8 +50,9 @@ class HubServer:
     ``"regular"`` for every file, the only mode that also works for a client with ``hf_xet`` installed, which
     would otherwise send every LFS file through Xet, a protocol this server does not speak.
     `max_upload_bytes` bounds one file and one commit; `user` is the name ``whoami`` returns and the default
-    namespace; `log` writes one line per request to stderr. An empty or blank `token` is refused (ValueError):
-    it would accept an empty Bearer for writes. One server per `root`: a second one is refused (OSError) while
+    namespace; `log` writes one line per request to stderr. `token` is taken without surrounding whitespace
+    (as the ``Authorization`` header is read: a token read from a file with its newline would never match); an
+    empty or blank one is refused (ValueError): it would accept an empty Bearer for writes. One server per `root`: a second one is refused (OSError) while
     this one holds it; start-up, once bound and holding the root, empties the temp folders of uploads that a
     crashed server left behind.
     """
@@ -76,7 +77,7 @@ class HubServer:
         except BaseException:
             self._httpd.server_close()
             raise
-        self.token, self.user, self.log = token, user, log
+        self.token, self.user, self.log = token and token.strip(), user, log
         self.lfs_threshold, self.max_upload_bytes = lfs_threshold, max_upload_bytes
         self.secret = os.urandom(32)
         self._httpd.hub = self
