@@ -480,12 +480,22 @@ def _embedding_bases(model: nn.Module, targets: list[str]) -> dict[str, nn.Modul
         base = module.base_layer if isinstance(module, LoRALayer) else module
         if isinstance(base, nn.Embedding) or module is head:
             out[_key(f"{path}.base_layer.weight")] = base
-    get_input = getattr(model, "get_input_embeddings", None)
-    embeddings = {id(m) for m in (get_input() if callable(get_input) else None, head) if m is not None}
+    embeddings = {id(m) for m in (_input_embeddings(model), head) if m is not None}
     for path, module in model.named_modules():
         if id(module) in embeddings and path not in targets:
             out[_key(f"{path}.weight")] = module
     return out
+
+
+def _input_embeddings(model: nn.Module) -> nn.Module | None:
+    """The model's input embedding layer (transformers' ``get_input_embeddings``) if it has a weight PEFT could
+    save, else None: vision and speech models return a patch-embedding block (ViT) or raise (``CLIPModel``)."""
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        module = get() if callable(get) else None
+    except NotImplementedError:
+        return None
+    return module if isinstance(getattr(module, "weight", None), torch.Tensor) else None
 
 
 def _fingerprint(layers: Iterator[tuple[str, LoRALayer]]) -> str:
