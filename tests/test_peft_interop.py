@@ -26,6 +26,7 @@ from lightning_lora import (
     inject,
     load_adapter,
     lora_layers,
+    merge,
     save_adapter,
     summarize,
     validate_adapter,
@@ -235,6 +236,30 @@ def test_peft_saved_loads_into_vision_models(build, adapter_path):
     load_adapter(model, adapter_path)
     assert not torch.allclose(theirs, output(build()), atol=1e-3), "the adapter must matter"
     assert torch.allclose(output(model), theirs, atol=1e-5, rtol=0)
+
+
+def test_scaled_word_embedding_matches_peft_and_merges(adapter_path):
+    """Gemma's embedding multiplies its rows by sqrt(hidden) (``embed_scale``): the update's rows are scaled
+    alike, as in PEFT, so outputs agree and merging into the weight changes nothing."""
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    def build():
+        torch.manual_seed(0)
+        return GemmaForCausalLM(GemmaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                            num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                            tie_word_embeddings=False)).eval()
+
+    batch = token_batch()
+    model = build()
+    inject(model, LoRAConfig(r=4, alpha=8, target_modules=["embed_tokens", "q_proj"]))
+    train_steps(model, batch)
+    ours = model_output(model, batch)
+    save_adapter(model, adapter_path)
+    peft_model = peft.PeftModel.from_pretrained(build(), adapter_path).eval()
+    assert not torch.allclose(ours, model_output(build(), batch), atol=1e-3), "the adapter must matter"
+    assert torch.allclose(model_output(peft_model, batch), ours, atol=1e-5, rtol=0)
+    merge(model)
+    assert torch.allclose(model_output(model, batch), ours, atol=1e-5, rtol=0)
 
 
 def test_peft_saved_embedding_base_weight_refused_on_a_4bit_base(adapter_path):
