@@ -401,6 +401,16 @@ class LoRAConv(LoRALayer):
         super().__init__(base_layer)
         self._conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[base_layer.weight.dim() - 2]
 
+    #: The base convolution's hyperparameters, readable on the wrapper as `weight` is: transformers reads them
+    #: through the module it built (Whisper's encoder: ``conv1.stride``).
+    _BASE_ATTRIBUTES = frozenset({"in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
+                                  "groups", "padding_mode"})
+
+    def __getattr__(self, name: str):
+        if name in LoRAConv._BASE_ATTRIBUTES:
+            return getattr(self.base_layer, name)
+        return super().__getattr__(name)
+
     def _shapes(self, r: int):
         out_ch, in_ch, *kernel = self.base_layer.weight.shape
         return (r, in_ch, *kernel), (out_ch, r, *([1] * len(kernel)))
