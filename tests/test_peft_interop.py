@@ -62,6 +62,9 @@ CASES = {
                                                                     "task_type": "SEQ_CLS"}),
     # a classifier whose head is not saved: exported without PEFT's SEQ_CLS (which would demand the head)
     "bert-head-not-saved": (tiny_bert_classifier, {"r": 2, "alpha": 4, "target_modules": ["query", "value"]}),
+    # likewise when the config names the task: PEFT's SEQ_CLS class would demand the head it does not hold
+    "bert-task-named-head-not-saved": (tiny_bert_classifier, {"r": 2, "alpha": 4, "target_modules": ["query", "value"],
+                                                              "task_type": "SEQ_CLS"}),
 }
 
 
