@@ -10,31 +10,44 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-#: Default targets per `model.config.model_type`, used when `target_modules` is None (PEFT's table).
+#: Default targets per `model.config.model_type`, used when `target_modules` is None: PEFT's table
+#: (`peft.utils.constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`) for transformers' model types, plus
+#: phi3, distilbert and vit (whose attention is query/value before transformers 5, q_proj/v_proj since).
 DEFAULT_TARGETS: dict[str, list[str]] = {
     "gpt2": ["c_attn"],
+    "gpt_bigcode": ["c_attn"],
     "gpt_neox": ["query_key_value"],
+    "gpt_neo": ["q_proj", "v_proj"],
     "gptj": ["q_proj", "v_proj"],
+    "codegen": ["qkv_proj"],
     "opt": ["q_proj", "v_proj"],
     "llama": ["q_proj", "v_proj"],
+    "llama4": ["q_proj", "v_proj"],
     "mistral": ["q_proj", "v_proj"],
     "mixtral": ["q_proj", "v_proj"],
     "qwen2": ["q_proj", "v_proj"],
     "qwen3": ["q_proj", "v_proj"],
     "gemma": ["q_proj", "v_proj"],
     "gemma2": ["q_proj", "v_proj"],
-    "phi": ["q_proj", "v_proj"],
+    "gemma3_text": ["q_proj", "v_proj"],
+    "stablelm": ["q_proj", "v_proj"],
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
     "phi3": ["qkv_proj"],
     "falcon": ["query_key_value"],
     "bloom": ["query_key_value"],
+    "mpt": ["Wqkv"],
     "bert": ["query", "value"],
     "roberta": ["query", "value"],
     "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"],
+    "layoutlm": ["query", "value"],
     "distilbert": ["q_lin", "v_lin"],
+    "deberta": ["in_proj"],
     "deberta-v2": ["query_proj", "value_proj"],
     "t5": ["q", "v"],
+    "mt5": ["q", "v"],
     "bart": ["q_proj", "v_proj"],
-    "vit": ["query", "value"],
+    "vit": ["query", "value", "q_proj", "v_proj"],
 }
 
 #: The adapter_config.json keys we write: PEFT's own, nothing else (older PEFT raises on unknown keys).

@@ -155,7 +155,7 @@ def save_adapter(
         raise KeyError(f"no adapter named {adapter_name!r} to save; the model has {list(registry) or 'none'}")
     config = registry[adapter_name]
     base_model = base_model or config.base_model or _name_or_path(model)
-    config = config.replace(base_model=base_model, task_type=config.task_type or task_type(model, config.modules_to_save))
+    config = config.replace(base_model=base_model, task_type=task_type(model, config.modules_to_save, config.task_type))
     if config.target_modules == "all-linear":  # write the matched paths (as PEFT does): every reader finds the same
         # layers, where a leaf name could also select a Sequential or a conv of that name
         paths = {_strip(path) for path, layer in lora_layers(model) if adapter_name in layer.lora_a}
@@ -377,15 +377,16 @@ _TASK_BY_SUFFIX = {"ForCausalLM": "CAUSAL_LM", "ForSequenceClassification": "SEQ
                    "ForSeq2SeqLM": "SEQ_2_SEQ_LM"}
 
 
-def task_type(model: nn.Module, modules_to_save: list[str] | None) -> str | None:
-    """PEFT's ``task_type`` for a transformers model (``"SEQ_CLS"`` for ``BertForSequenceClassification``),
-    None for a bare encoder or a model that is not from transformers.
+def task_type(model: nn.Module, modules_to_save: list[str] | None, requested: str | None = None) -> str | None:
+    """PEFT's ``task_type`` for a transformers model: `requested` (the config's), else the one its class names
+    (``"SEQ_CLS"`` for ``BertForSequenceClassification``), None for a bare encoder or a model that is not from
+    transformers.
 
     Also None when `modules_to_save` leaves out the task's head: PEFT's model class for that task adds the head
     to ``modules_to_save`` and then cannot load an adapter without its weights, while the plain ``PeftModel``
     that None selects keeps the base model's head."""
     name = type(model).__name__
-    task = next((task for suffix, task in _TASK_BY_SUFFIX.items() if name.endswith(suffix)), None)
+    task = requested or next((task for suffix, task in _TASK_BY_SUFFIX.items() if name.endswith(suffix)), None)
     heads = [p for p, _ in model.named_modules() if is_saved_module(PEFT_HEADS.get(task), p)]
     return None if any(not is_saved_module(modules_to_save, p) for p in heads) else task
 
@@ -480,12 +481,22 @@ def _embedding_bases(model: nn.Module, targets: list[str]) -> dict[str, nn.Modul
         base = module.base_layer if isinstance(module, LoRALayer) else module
         if isinstance(base, nn.Embedding) or module is head:
             out[_key(f"{path}.base_layer.weight")] = base
-    get_input = getattr(model, "get_input_embeddings", None)
-    embeddings = {id(m) for m in (get_input() if callable(get_input) else None, head) if m is not None}
+    embeddings = {id(m) for m in (_input_embeddings(model), head) if m is not None}
     for path, module in model.named_modules():
         if id(module) in embeddings and path not in targets:
             out[_key(f"{path}.weight")] = module
     return out
+
+
+def _input_embeddings(model: nn.Module) -> nn.Module | None:
+    """The model's input embedding layer (transformers' ``get_input_embeddings``) if it has a weight PEFT could
+    save, else None: vision and speech models return a patch-embedding block (ViT) or raise (``CLIPModel``)."""
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        module = get() if callable(get) else None
+    except NotImplementedError:
+        return None
+    return module if isinstance(getattr(module, "weight", None), torch.Tensor) else None
 
 
 def _fingerprint(layers: Iterator[tuple[str, LoRALayer]]) -> str:

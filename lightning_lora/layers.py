@@ -357,7 +357,9 @@ class LoRALinear(LoRALayer):
 
 class LoRAEmbedding(LoRALayer):
     """LoRA around ``nn.Embedding``: A ``[r, num_embeddings]`` (zero), B ``[dim, r]`` (random), as in PEFT,
-    so a looked-up row gets ``s * B A[:, i]``."""
+    so a looked-up row gets ``s * B A[:, i]``. A scaled word embedding (Gemma's, BART's with ``scale_embedding``)
+    multiplies its looked-up rows by its ``embed_scale``; the update's rows are scaled alike, as in PEFT, so that
+    merging ``s B A`` into the weight leaves the output unchanged."""
 
     A_NAME = "lora_embedding_A"
     B_NAME = "lora_embedding_B"
@@ -379,7 +381,11 @@ class LoRAEmbedding(LoRALayer):
         base = self.base_layer
         rows = F.embedding(x, self.lora_a[name].t(), padding_idx=base.padding_idx, max_norm=base.max_norm,
                            norm_type=base.norm_type, scale_grad_by_freq=base.scale_grad_by_freq)
-        return (rows @ self.lora_b[name].t()) * self.scaling[name]
+        out = (rows @ self.lora_b[name].t()) * self.scaling[name]
+        embed_scale = getattr(base, "embed_scale", None)
+        if isinstance(embed_scale, torch.Tensor):
+            embed_scale = embed_scale.to(out.dtype)
+        return out if embed_scale is None else out * embed_scale
 
 
 class LoRAConv(LoRALayer):
@@ -394,6 +400,16 @@ class LoRAConv(LoRALayer):
             )
         super().__init__(base_layer)
         self._conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[base_layer.weight.dim() - 2]
+
+    #: The base convolution's hyperparameters, readable on the wrapper as `weight` is: transformers reads them
+    #: through the module it built (Whisper's encoder: ``conv1.stride``).
+    _BASE_ATTRIBUTES = frozenset({"in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
+                                  "groups", "padding_mode"})
+
+    def __getattr__(self, name: str):
+        if name in LoRAConv._BASE_ATTRIBUTES:
+            return getattr(self.base_layer, name)
+        return super().__getattr__(name)
 
     def _shapes(self, r: int):
         out_ch, in_ch, *kernel = self.base_layer.weight.shape

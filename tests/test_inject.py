@@ -112,6 +112,31 @@ def test_default_targets_from_model_type():
         inject(small_conv_net(), LoRAConfig())
 
 
+def test_default_targets_are_peft_s():
+    """target_modules=None picks what PEFT picks for the same model type (Phi: attention and MLP)."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as peft_table
+    from transformers import PhiConfig, PhiForCausalLM
+
+    from lightning_lora.config import DEFAULT_TARGETS
+
+    for model_type in ("phi", "mt5", "mpt", "gpt_neo", "gpt_bigcode", "codegen", "electra", "deberta"):
+        assert sorted(DEFAULT_TARGETS[model_type]) == sorted(peft_table[model_type]), model_type
+    model = PhiForCausalLM(PhiConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=4, max_position_embeddings=32))
+    inject(model, LoRAConfig(r=2))
+    assert sorted({p.rsplit(".", 1)[-1] for p, _ in lora_layers(model)}) == ["fc1", "fc2", "q_proj", "v_proj"]
+
+
+def test_default_targets_of_vit_under_either_naming():
+    """transformers 5 renamed ViT's query/value to q_proj/v_proj: the default finds them either way."""
+    from transformers import ViTConfig, ViTModel
+
+    model = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                               image_size=8, patch_size=4))
+    inject(model, LoRAConfig(r=2))
+    assert sorted({p.rsplit(".", 1)[-1] for p, _ in lora_layers(model)}) in (["q_proj", "v_proj"], ["query", "value"])
+
+
 def test_grouped_query_attention_shapes():
     model = tiny_llama()
     inject(model, LoRAConfig(r=4, target_modules=["q_proj", "k_proj"]))

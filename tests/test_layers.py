@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lightning_lora import LoRAConfig, LoRAConv, LoRAEmbedding, LoRALinear, inject, lora_linear
+from lightning_lora import LoRAConfig, LoRAConv, LoRAEmbedding, LoRALinear, inject, lora_linear, unload
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 
@@ -238,6 +238,29 @@ def test_wrapped_layers_expose_the_base_weight_and_bias():
     assert conv.weight is conv.base_layer.weight and conv.bias is conv.base_layer.bias
     with pytest.raises(AttributeError, match="has no setter"):
         wte.weight = torch.zeros(64, 32)
+
+
+def test_whisper_reads_the_stride_of_its_wrapped_convolutions():
+    """Whisper's encoder reads ``conv1.stride`` and ``conv2.stride`` in forward: the wrapper exposes the base
+    convolution's hyperparameters, and the adapted model runs, trains and unloads to the same output."""
+    from helpers import model_output, train_steps
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = WhisperForConditionalGeneration(WhisperConfig(
+        vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=8, max_source_positions=16,
+        max_target_positions=32, decoder_start_token_id=0, pad_token_id=0)).eval()
+    batch = {"input_features": torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(3)),
+             "decoder_input_ids": torch.tensor([[0, 5, 6], [0, 7, 8]])}
+    before = model_output(model, batch)
+    inject(model, LoRAConfig(r=4, target_modules=["conv1", "conv2", "q_proj"]))
+    conv2 = model.model.encoder.conv2
+    assert isinstance(conv2, LoRAConv) and conv2.stride == (2,) and conv2.kernel_size == (3,)
+    train_steps(model, batch)
+    adapted = model_output(model, batch)
+    assert not torch.allclose(adapted, before, atol=1e-4)
+    assert torch.allclose(model_output(unload(model), batch), adapted, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("fan_in_fan_out", [False, True])

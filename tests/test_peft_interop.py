@@ -26,6 +26,7 @@ from lightning_lora import (
     inject,
     load_adapter,
     lora_layers,
+    merge,
     save_adapter,
     summarize,
     validate_adapter,
@@ -61,6 +62,9 @@ CASES = {
                                                                     "task_type": "SEQ_CLS"}),
     # a classifier whose head is not saved: exported without PEFT's SEQ_CLS (which would demand the head)
     "bert-head-not-saved": (tiny_bert_classifier, {"r": 2, "alpha": 4, "target_modules": ["query", "value"]}),
+    # likewise when the config names the task: PEFT's SEQ_CLS class would demand the head it does not hold
+    "bert-task-named-head-not-saved": (tiny_bert_classifier, {"r": 2, "alpha": 4, "target_modules": ["query", "value"],
+                                                              "task_type": "SEQ_CLS"}),
 }
 
 
@@ -190,6 +194,75 @@ def test_peft_saved_embedding_of_a_resized_vocabulary_needs_a_resized_base(adapt
     model.resize_token_embeddings(72)  # what the message says: then it loads
     load_adapter(model, adapter_path)
     assert torch.equal(model.model.embed_tokens.weight, base.model.embed_tokens.weight)
+
+
+def tiny_vit_classifier(seed: int = 0) -> torch.nn.Module:
+    """ViTForImageClassification: its input embeddings are a patch-embedding block, which has no weight."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(seed)
+    config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=8,
+                       patch_size=4, num_labels=3)
+    return ViTForImageClassification(config).eval()
+
+
+def tiny_clip(seed: int = 0) -> torch.nn.Module:
+    """CLIPModel: text and vision towers; its ``get_input_embeddings`` raises NotImplementedError."""
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(seed)
+    tower = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+    config = CLIPConfig(text_config={**tower, "vocab_size": 64, "max_position_embeddings": 16},
+                        vision_config={**tower, "image_size": 8, "patch_size": 4}, projection_dim=16)
+    return CLIPModel(config).eval()
+
+
+@pytest.mark.parametrize("build", [tiny_vit_classifier, tiny_clip])
+def test_peft_saved_loads_into_vision_models(build, adapter_path):
+    """No full base weight of the input embeddings can travel with these adapters: ViT's is a patch-embedding
+    block without a weight, CLIPModel names none."""
+    batch = {"pixel_values": torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))}
+    if build is tiny_clip:
+        batch |= token_batch()
+
+    def output(model):
+        with torch.no_grad():
+            out = model(**batch)
+        return out.logits_per_image if build is tiny_clip else out.logits
+
+    peft_model = peft.get_peft_model(build(), peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                               init_lora_weights=False)).eval()
+    theirs = output(peft_model)
+    peft_model.save_pretrained(adapter_path)
+
+    model = build()
+    load_adapter(model, adapter_path)
+    assert not torch.allclose(theirs, output(build()), atol=1e-3), "the adapter must matter"
+    assert torch.allclose(output(model), theirs, atol=1e-5, rtol=0)
+
+
+def test_scaled_word_embedding_matches_peft_and_merges(adapter_path):
+    """Gemma's embedding multiplies its rows by sqrt(hidden) (``embed_scale``): the update's rows are scaled
+    alike, as in PEFT, so outputs agree and merging into the weight changes nothing."""
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    def build():
+        torch.manual_seed(0)
+        return GemmaForCausalLM(GemmaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                            num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                            tie_word_embeddings=False)).eval()
+
+    batch = token_batch()
+    model = build()
+    inject(model, LoRAConfig(r=4, alpha=8, target_modules=["embed_tokens", "q_proj"]))
+    train_steps(model, batch)
+    ours = model_output(model, batch)
+    save_adapter(model, adapter_path)
+    peft_model = peft.PeftModel.from_pretrained(build(), adapter_path).eval()
+    assert not torch.allclose(ours, model_output(build(), batch), atol=1e-3), "the adapter must matter"
+    assert torch.allclose(model_output(peft_model, batch), ours, atol=1e-5, rtol=0)
+    merge(model)
+    assert torch.allclose(model_output(model, batch), ours, atol=1e-5, rtol=0)
 
 
 def test_peft_saved_embedding_base_weight_refused_on_a_4bit_base(adapter_path):
