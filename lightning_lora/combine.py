@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -256,7 +257,14 @@ def _check_compatible(states: list[AdapterState]) -> dict[str, list[tuple[torch.
 def _output_config(states: list[AdapterState], ranks: dict[str, int]) -> LoRAConfig:
     """The first input's config with the new ranks and scaling 1 everywhere (``alpha = r`` per module)."""
     r = Counter(ranks.values()).most_common(1)[0][0]
-    pattern = {path: k for path, k in ranks.items() if k != r}
+    pattern = {_whole_path(path): k for path, k in ranks.items() if k != r}
     base = next((s.config.base_model for s in states if s.config.base_model), None)
     return states[0].config.replace(r=r, alpha=float(r), use_rslora=False, rank_pattern=pattern,
                                     alpha_pattern={p: float(k) for p, k in pattern.items()}, base_model=base)
+
+
+def _whole_path(path: str) -> str:
+    """A ``rank_pattern`` / ``alpha_pattern`` key for module `path` alone. PEFT reads a key as a regex for a
+    dotted suffix of the path (`config._pattern_lookup`), so the bare path ``fc`` would also set ``enc.fc``;
+    ``^`` anchors it at the start of the path."""
+    return "^" + re.escape(path)
