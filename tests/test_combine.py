@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import image_batch, model_output, small_conv_net, tiny_gpt2, token_batch, train_steps
+from helpers import image_batch, model_output, small_conv_net, tiny_gpt2, tiny_llama, token_batch, train_steps
 from torch import nn
 
 from lightning_lora import (
@@ -194,6 +194,38 @@ def test_per_module_ranks_apply_to_their_module_alone(tmp_path):
     for path in ("fc", "enc.fc", "enc.out"):  # each layer holds the combination's update at scale 1
         torch.testing.assert_close(ours.get_submodule(path).delta_weight("default").double(), combined.delta(path),
                                    atol=1e-5, rtol=0)
+
+
+def test_peft_adapters_with_an_embedding_base_weight_combine(tmp_path):
+    """PEFT saves a targeted embedding's full base weight beside its factors: not an update, carried over."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    dirs, deltas = [], []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"],
+                                                             init_lora_weights=False))
+        directory = tmp_path / str(seed)
+        peft_model.save_pretrained(directory)
+        dirs.append(directory)
+        model = tiny_llama()
+        load_adapter(model, directory)
+        deltas.append({path: layer.delta_weight("default") for path, layer in lora_layers(model)})
+    out = combine(dirs, [0.5, 2.0]).save(tmp_path / "cat")
+    ours = tiny_llama()
+    load_adapter(ours, out)
+    for path, layer in lora_layers(ours):
+        torch.testing.assert_close(layer.delta_weight("default"), 0.5 * deltas[0][path] + 2.0 * deltas[1][path],
+                                   atol=1e-5, rtol=0)
+    theirs = PeftModel.from_pretrained(tiny_llama(), str(out)).eval()
+    batch = token_batch()
+    torch.testing.assert_close(model_output(ours, batch), model_output(theirs, batch), atol=1e-5, rtol=0)
+
+    other = AdapterState.load(dirs[1])
+    key = next(k for k in other.tensors if k.endswith("embed_tokens.base_layer.weight"))
+    other.tensors[key] = other.tensors[key] + 1.0
+    with pytest.raises(AdapterError, match=r"carries another .*embed_tokens.base_layer.weight.*one base"):
+        combine([dirs[0], other], [0.5, 0.5])
 
 
 @pytest.mark.parametrize(("names", "kwargs", "error", "match"), [
