@@ -66,6 +66,7 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
         )
     # modules_to_save are trained and saved whole, so nothing inside them is wrapped (as PEFT)
     skip = inside_lora + [p + "." for p in saved]
+    bypassed = _bypassed_layers(model)
     targets = []
     for path, module in model.named_modules():
         if not path or path in saved or any(path.startswith(p) for p in skip):
@@ -73,10 +74,17 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
         if matches(config.exclude_modules, path):
             continue
         if all_linear:
-            if module is head or lora_class_for(module) is not LoRALinear and not isinstance(module, LoRALinear):
+            if module is head or path in bypassed or (lora_class_for(module) is not LoRALinear
+                                                      and not isinstance(module, LoRALinear)):
                 continue
         elif not matches(spec, path):
             continue
+        if path in bypassed:
+            raise ConfigError(
+                f"target {path!r} is the out_proj of an nn.MultiheadAttention, which reads its weight without "
+                f"calling it: LoRA there would never run (no gradients, and merging would change the output); "
+                f"exclude it (exclude_modules)"
+            )
         if not isinstance(module, LoRALayer) and lora_class_for(module) is None:
             inner = _candidate_names(module)[:8]
             raise ConfigError(
@@ -91,6 +99,13 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
             f"{_candidate_names(model)}"
         )
     return targets
+
+
+def _bypassed_layers(model: nn.Module) -> set[str]:
+    """Paths of linear layers whose parent uses their weight without calling them, so that a LoRA wrapper would
+    never run: ``nn.MultiheadAttention``'s ``out_proj`` (its weight goes to ``F.multi_head_attention_forward``)."""
+    return {f"{path}.out_proj".lstrip(".") for path, module in model.named_modules()
+            if isinstance(module, nn.MultiheadAttention)}
 
 
 def inject(
@@ -364,5 +379,7 @@ def _leaf_names(model: nn.Module) -> list[str]:
 
 def _candidate_names(model: nn.Module) -> list[str]:
     """Distinct leaf names of the modules LoRA can wrap, for error messages."""
-    names = {p.rsplit(".", 1)[-1] for p, m in model.named_modules() if p and lora_class_for(m) is not None}
+    bypassed = _bypassed_layers(model)
+    names = {p.rsplit(".", 1)[-1] for p, m in model.named_modules()
+             if p and p not in bypassed and lora_class_for(m) is not None}
     return sorted(names)
