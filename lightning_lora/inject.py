@@ -322,8 +322,29 @@ def _wrap(model: nn.Module, path: str) -> LoRALayer:
     if isinstance(module, LoRALayer):
         return module
     layer = lora_class_for(module)(module)
+    _avoid_fused_encoder(model, path, layer)
     _replace(model, path, layer)
     return layer
+
+
+def _avoid_fused_encoder(model: nn.Module, path: str, layer: LoRALayer) -> None:
+    """Keep torch's fused encoder kernels from skipping `layer`, to be put at `path`. In inference (eval mode,
+    frozen weights) ``nn.TransformerEncoderLayer`` runs one kernel that reads ``linear1.weight`` and
+    ``linear2.weight`` without calling the modules, so their adapters would silently do nothing. A forward
+    pre-hook on a submodule is one of torch's conditions against that path (it goes with the wrapper at
+    `unload`, when the merged weights suit the kernel again); ``nn.TransformerEncoder`` would also turn padded
+    batches into nested tensors for that kernel, which ``use_nested_tensor=False`` stops."""
+    parts = path.split(".")
+    ancestors = [model, *(model.get_submodule(".".join(parts[:i])) for i in range(1, len(parts)))]
+    if isinstance(ancestors[-1], nn.TransformerEncoderLayer):
+        layer.register_forward_pre_hook(_no_op)
+    for module in ancestors:
+        if isinstance(module, nn.TransformerEncoder):
+            module.use_nested_tensor = False
+
+
+def _no_op(module: nn.Module, args: tuple) -> None:
+    """The forward pre-hook of `_avoid_fused_encoder` (module-level, so the model still pickles)."""
 
 
 def _replace(model: nn.Module, path: str, new: nn.Module) -> None:

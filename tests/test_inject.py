@@ -366,3 +366,25 @@ def test_multihead_attention_out_proj_is_not_adapted():
         inject(_torch_encoder(), LoRAConfig(r=2, target_modules=["out_proj"]))
     with pytest.raises(ConfigError, match=r"MultiheadAttention, which LoRA cannot wrap.*exclude it \(exclude_modules\)$"):
         inject(_torch_encoder(), LoRAConfig(r=2, target_modules=["self_attn"]))  # not "name out_proj instead"
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_torch_encoder_adapters_run_in_inference(padded):
+    """In eval mode nn.TransformerEncoderLayer runs a fused kernel reading linear1/linear2's weights (and
+    nn.TransformerEncoder feeds it nested tensors for padded batches): the adapters must still apply, as in
+    training mode, and unload gives the plain encoder back with the adapted output."""
+    model, x = _torch_encoder(), torch.randn(2, 3, 16)
+    mask = torch.tensor([[False, False, True], [False, False, False]]) if padded else None
+    base = model(x, src_key_padding_mask=mask)
+    inject(model, LoRAConfig(r=2, target_modules="all-linear"))
+    for _, layer in lora_layers(model):
+        nn.init.normal_(layer.lora_b["default"])
+    keep = ~mask if padded else slice(None)  # padded positions are not outputs
+    want = model.train()(x, src_key_padding_mask=mask)[keep]
+    got = model.eval()(x, src_key_padding_mask=mask)
+    assert not got.is_nested
+    torch.testing.assert_close(got[keep], want, **TOL)
+    assert (got[keep] - base[keep]).abs().max() > 0.1
+    unload(model)
+    assert type(model.layers[0].linear1) is nn.Linear
+    torch.testing.assert_close(model(x, src_key_padding_mask=mask)[keep], want, **TOL)
