@@ -18,7 +18,8 @@ input's ``w_i * s_i`` folded into B, so it loads anywhere PEFT's format loads. F
                      Averaging copies of one adapter with weights summing to 1 gives that adapter back.
 
 Inputs must adapt the same modules of the same base (same paths and shapes); DoRA adapters and adapters that
-carry modules_to_save or biases are refused (those are replacements, not low-rank deltas).
+carry modules_to_save or biases are refused (those are replacements, not low-rank deltas). The full base weight
+PEFT saves beside a targeted embedding layer is the base itself: carried over, the inputs agreeing on it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,6 +40,7 @@ from .config import ConfigError, LoRAConfig
 from .inject import adapter_configs
 from .io import (
     META,
+    PREFIX,
     AdapterError,
     AdapterInfo,
     adapter_state_dict,
@@ -50,6 +53,7 @@ from .io import (
 )
 
 METHODS = ("linear", "cat", "svd")
+_BASE_WEIGHT = ".base_layer.weight"
 
 
 @dataclass
@@ -139,7 +143,7 @@ def combine(
     if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r <= 0):
         raise ConfigError(f"r must be a positive integer, got {r!r}")
     factors, keys = _check_compatible(states), states[0].factor_keys()
-    tensors, ranks, energy = {}, {}, {}
+    tensors, ranks, energy = _base_weights(states), {}, {}
     discarded = total = 0.0
     for path, per_input in factors.items():
         a_key, b_key = keys[path]
@@ -228,7 +232,7 @@ def _check_compatible(states: list[AdapterState]) -> dict[str, list[tuple[torch.
             raise AdapterError(f"{state.source} is a DoRA adapter: its magnitude vector rescales W0 + dW column by "
                                f"column, so DoRA updates do not add; combine plain LoRA adapters only")
         lora = {k for kinds in module_keys(state.tensors).values() for k in kinds.values()}
-        other = sorted(set(state.tensors) - lora)
+        other = sorted(set(state.tensors) - lora - set(_base_weight_keys(state)))
         if other:
             raise AdapterError(f"{state.source} carries non-LoRA tensors {other[:3]} (modules_to_save or biases), "
                                f"which replace weights rather than add to them; they cannot be combined")
@@ -253,10 +257,38 @@ def _check_compatible(states: list[AdapterState]) -> dict[str, list[tuple[torch.
     return out
 
 
+def _base_weight_keys(state: AdapterState) -> list[str]:
+    """Keys of the full base weights PEFT saves beside the factors of a targeted embedding layer or output head
+    (``<path>.base_layer.weight``, its default ``save_embedding_layers="auto"``)."""
+    return [key for key in state.tensors if key.endswith(_BASE_WEIGHT)
+            and key[len(PREFIX):-len(_BASE_WEIGHT)] in state.factor_keys()]
+
+
+def _base_weights(states: list[AdapterState]) -> dict[str, torch.Tensor]:
+    """The base weights the inputs carry (`_base_weight_keys`), for the result to carry too: the base itself, not
+    an update, so inputs that carry one must agree on it."""
+    out = {}
+    for state in states:
+        for key in _base_weight_keys(state):
+            tensor = state.tensors[key]
+            if key in out and not torch.equal(out[key], tensor):
+                raise AdapterError(f"{state.source} carries another {key} than an earlier input (a different base, "
+                                   f"or a resized vocabulary); combine needs one base")
+            out[key] = tensor
+    return out
+
+
 def _output_config(states: list[AdapterState], ranks: dict[str, int]) -> LoRAConfig:
     """The first input's config with the new ranks and scaling 1 everywhere (``alpha = r`` per module)."""
     r = Counter(ranks.values()).most_common(1)[0][0]
-    pattern = {path: k for path, k in ranks.items() if k != r}
+    pattern = {_whole_path(path): k for path, k in ranks.items() if k != r}
     base = next((s.config.base_model for s in states if s.config.base_model), None)
     return states[0].config.replace(r=r, alpha=float(r), use_rslora=False, rank_pattern=pattern,
                                     alpha_pattern={p: float(k) for p, k in pattern.items()}, base_model=base)
+
+
+def _whole_path(path: str) -> str:
+    """A ``rank_pattern`` / ``alpha_pattern`` key for module `path` alone. PEFT reads a key as a regex for a
+    dotted suffix of the path (`config._pattern_lookup`), so the bare path ``fc`` would also set ``enc.fc``;
+    ``^`` anchors it at the start of the path."""
+    return "^" + re.escape(path)

@@ -66,6 +66,10 @@ _UNSUPPORTED = (
 #: PeftModelForSequenceClassification, ...).
 PEFT_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"], "QUESTION_ANS": ["qa_outputs"]}
 _INIT_TO_PEFT = {"kaiming": True, "gaussian": "gaussian"}
+#: PEFT's init_lora_weights values that leave the base weights alone: trained, such adapters are plain LoRA.
+_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
+#: ... and those that rewrite the base weights at initialisation (PiSSA's "pissa_niter_<n>" included).
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
 Bias = Literal["none", "all", "lora_only"]
 Init = Literal["kaiming", "gaussian"]
 Quantize = Literal["nf4"]
@@ -218,9 +222,7 @@ class LoRAConfig:
         if peft_type != "LORA":
             raise ConfigError(f"peft_type must be 'LORA', got {peft_type!r}: only LoRA adapters are supported")
         init = data.get("init_lora_weights", True)
-        # False (A and B both random) only changes a fresh adapter's start; a saved one holds trained A and B.
-        if init not in (True, False, "gaussian"):
-            raise ConfigError(f"init_lora_weights={init!r} is not supported; use true, false or 'gaussian'")
+        _check_init(init)
         for key in ("base_model_name_or_path", "task_type", "revision"):
             if not isinstance(data.get(key), (str, type(None))):
                 raise ConfigError(f"{key} must be a string or null, got {data[key]!r}")
@@ -262,6 +264,23 @@ def is_saved_module(modules_to_save: list[str] | None, path: str) -> bool:
     ends with the name as a plain string, so ``"classifier"`` also selects DistilBERT's ``pre_classifier``;
     an adapter saved under another rule would not load in PEFT."""
     return bool(path) and any(path.endswith(name) for name in modules_to_save or ())
+
+
+def _check_init(init: Any) -> None:
+    """Refuse an adapter whose ``init_lora_weights`` means it is not plain LoRA on the unchanged base.
+
+    The start alone does not matter once A and B are trained: False (both random), PEFT's "eva" (data-driven)
+    and "orthogonal" (B A = 0) adapters are plain LoRA. PiSSA, OLoRA, CorDA and LoftQ also rewrite the base
+    weights at initialisation, so their A and B are only right on that rewritten base."""
+    if init in _PLAIN_INITS:
+        return
+    if isinstance(init, str) and init.startswith(_BASE_CHANGING_INITS):
+        raise ConfigError(
+            f"init_lora_weights={init!r}: PEFT changed the base weights when it initialised this adapter, so it is "
+            f"wrong on the original base; save it from PEFT converted to plain LoRA (save_pretrained(..., "
+            f"path_initial_model_for_weight_conversion=<the initial adapter>), for PiSSA, OLoRA and CorDA) and load that"
+        )
+    raise ConfigError(f"init_lora_weights={init!r} is not supported; supported: {list(_PLAIN_INITS)}")
 
 
 def _flag(data: dict[str, Any], key: str) -> bool:

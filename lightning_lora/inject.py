@@ -66,6 +66,7 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
         )
     # modules_to_save are trained and saved whole, so nothing inside them is wrapped (as PEFT)
     skip = inside_lora + [p + "." for p in saved]
+    bypassed = _bypassed_layers(model)
     targets = []
     for path, module in model.named_modules():
         if not path or path in saved or any(path.startswith(p) for p in skip):
@@ -73,10 +74,17 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
         if matches(config.exclude_modules, path):
             continue
         if all_linear:
-            if module is head or lora_class_for(module) is not LoRALinear and not isinstance(module, LoRALinear):
+            if module is head or path in bypassed or (lora_class_for(module) is not LoRALinear
+                                                      and not isinstance(module, LoRALinear)):
                 continue
         elif not matches(spec, path):
             continue
+        if path in bypassed:
+            raise ConfigError(
+                f"target {path!r} is the out_proj of an nn.MultiheadAttention, which reads its weight without "
+                f"calling it: LoRA there would never run (no gradients, and merging would change the output); "
+                f"exclude it (exclude_modules)"
+            )
         if not isinstance(module, LoRALayer) and lora_class_for(module) is None:
             inner = _candidate_names(module)[:8]
             raise ConfigError(
@@ -91,6 +99,13 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
             f"{_candidate_names(model)}"
         )
     return targets
+
+
+def _bypassed_layers(model: nn.Module) -> set[str]:
+    """Paths of linear layers whose parent uses their weight without calling them, so that a LoRA wrapper would
+    never run: ``nn.MultiheadAttention``'s ``out_proj`` (its weight goes to ``F.multi_head_attention_forward``)."""
+    return {f"{path}.out_proj".lstrip(".") for path, module in model.named_modules()
+            if isinstance(module, nn.MultiheadAttention)}
 
 
 def inject(
@@ -307,8 +322,29 @@ def _wrap(model: nn.Module, path: str) -> LoRALayer:
     if isinstance(module, LoRALayer):
         return module
     layer = lora_class_for(module)(module)
+    _avoid_fused_encoder(model, path, layer)
     _replace(model, path, layer)
     return layer
+
+
+def _avoid_fused_encoder(model: nn.Module, path: str, layer: LoRALayer) -> None:
+    """Keep torch's fused encoder kernels from skipping `layer`, to be put at `path`. In inference (eval mode,
+    frozen weights) ``nn.TransformerEncoderLayer`` runs one kernel that reads ``linear1.weight`` and
+    ``linear2.weight`` without calling the modules, so their adapters would silently do nothing. A forward
+    pre-hook on a submodule is one of torch's conditions against that path (it goes with the wrapper at
+    `unload`, when the merged weights suit the kernel again); ``nn.TransformerEncoder`` would also turn padded
+    batches into nested tensors for that kernel, which ``use_nested_tensor=False`` stops."""
+    parts = path.split(".")
+    ancestors = [model, *(model.get_submodule(".".join(parts[:i])) for i in range(1, len(parts)))]
+    if isinstance(ancestors[-1], nn.TransformerEncoderLayer):
+        layer.register_forward_pre_hook(_no_op)
+    for module in ancestors:
+        if isinstance(module, nn.TransformerEncoder):
+            module.use_nested_tensor = False
+
+
+def _no_op(module: nn.Module, args: tuple) -> None:
+    """The forward pre-hook of `_avoid_fused_encoder` (module-level, so the model still pickles)."""
 
 
 def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
@@ -364,5 +400,7 @@ def _leaf_names(model: nn.Module) -> list[str]:
 
 def _candidate_names(model: nn.Module) -> list[str]:
     """Distinct leaf names of the modules LoRA can wrap, for error messages."""
-    names = {p.rsplit(".", 1)[-1] for p, m in model.named_modules() if p and lora_class_for(m) is not None}
+    bypassed = _bypassed_layers(model)
+    names = {p.rsplit(".", 1)[-1] for p, m in model.named_modules()
+             if p and p not in bypassed and lora_class_for(m) is not None}
     return sorted(names)

@@ -278,8 +278,9 @@ class LoRALinear(LoRALayer):
     # -- merge ----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def merge(self, names: Iterable[str] | None = None) -> None:
-        """As `LoRALayer.merge`; a 4-bit base is first replaced by its dequantized dense layer (compute
-        dtype), so merge, unmerge and unload work on QLoRA models (`quant.unload_quantized` can re-quantize)."""
+        """As `LoRALayer.merge`; a 4-bit base is first replaced by its dequantized dense layer (in the dtype it
+        was quantized from, `quant.dense_dtype`), so merge, unmerge and unload work on QLoRA models and the
+        merged layer fits the rest of the model (`quant.unload_quantized` can re-quantize)."""
         if quant.is_quantized(self.base_layer):
             self.base_layer = quant.dequantize_module(self.base_layer)
         super().merge(names)

@@ -10,7 +10,7 @@ The interface (every function takes the 4-bit module, whatever its backend):
 - `quantize(linear, backend, compute_dtype)`: a frozen 4-bit copy of an ``nn.Linear`` (or GPT-2 ``Conv1D``);
 - `dequantize(module)`: its weight as a dense ``[out, in]`` tensor in the compute dtype;
 - `linear(module, x)`: ``x W^T + bias``;
-- `dequantize_module(module)`: the 4-bit layer as a dense ``nn.Linear``.
+- `dequantize_module(module)`: the 4-bit layer as a dense ``nn.Linear`` in its `dense_dtype`.
 
 Backends: ``"bnb"`` is bitsandbytes' ``Linear4bit`` (also what transformers' ``BitsAndBytesConfig(
 load_in_4bit=True)`` loads, so such models are wrapped as they are); ``"torchao"`` is `NF4Linear`, an
@@ -90,7 +90,14 @@ def quantize(linear_layer: nn.Module, backend: str, compute_dtype: torch.dtype =
     weight = weight.to(compute_dtype).contiguous()
     bias = linear_layer.bias
     if backend == "torchao":
-        return NF4Linear(_to_nf4(weight), bias, compute_dtype)
+        module = NF4Linear(_to_nf4(weight), bias, compute_dtype)
+    else:
+        module = _bnb_linear4bit(weight, bias, compute_dtype)
+    module.dense_dtype = linear_layer.weight.dtype
+    return module
+
+
+def _bnb_linear4bit(weight: torch.Tensor, bias: nn.Parameter | None, compute_dtype: torch.dtype) -> nn.Module:
     import bitsandbytes as bnb
 
     out_features, in_features = weight.shape
@@ -127,13 +134,27 @@ def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize_module(module: nn.Module, dtype: torch.dtype | None = None) -> nn.Linear:
-    """`module` as a dense ``nn.Linear`` (compute dtype unless `dtype`; the bias object is kept): what merging
-    a LoRA layer does to its 4-bit base."""
+    """`module` as a dense ``nn.Linear`` (in `dense_dtype` unless `dtype`; the bias object is kept): what
+    merging a LoRA layer does to its 4-bit base."""
     weight = dequantize(module)
     dense = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
     dense.weight = nn.Parameter(weight, requires_grad=False)
     dense.bias = module.bias
-    return dense if dtype is None else dense.to(dtype)
+    return dense.to(dtype or dense_dtype(module))
+
+
+def dense_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of the dense weight a 4-bit `module` was quantized from: that of the activations it takes and
+    returns, so a dense layer in it fits the model, whatever the compute dtype (an fp32 model computing its
+    4-bit layers in bf16 stays fp32). A layer transformers loaded in 4-bit: the dtype bitsandbytes quantized
+    (kept aside by its CPU repacking, which sets bf16)."""
+    recorded = getattr(module, "dense_dtype", None)
+    if recorded is not None:
+        return recorded
+    if isinstance(module, NF4Linear):
+        return module.compute_dtype
+    state = module.weight.quant_state
+    return state.original_dtype if getattr(state, "packing_format_for_cpu", False) else state.dtype
 
 
 def quantize_model(model: nn.Module, config: LoRAConfig) -> list[str]:
@@ -148,25 +169,26 @@ def quantize_model(model: nn.Module, config: LoRAConfig) -> list[str]:
 
 def unload_quantized(model: nn.Module, requantize: bool = False) -> dict[str, float]:
     """`inject.unload` for a QLoRA model: each 4-bit base is dequantized to fp32, the adapter merged into it
-    exactly, and the result exported in the compute dtype, or as 4-bit again with `requantize`.
+    exactly, and the result exported in the layer's `dense_dtype`, or as 4-bit again with `requantize`.
 
     Returns, per adapted 4-bit layer, the relative error of the exported weight against the unmerged model's
     effective weight ``W = dequantize(W0) + delta`` (DoRA: its merged form): ``||W_out - W||_F / ||W||_F``,
-    the rounding to the compute dtype, or the NF4 error of re-quantizing ``W``.
+    the rounding to that dtype, or the NF4 error of re-quantizing ``W``.
     """
     from .inject import _replace, lora_layers, unload
 
     plan = {}
     for path, layer in lora_layers(model):
         if is_quantized(layer.base_layer):
-            plan[path] = (backend_of(layer.base_layer), _compute_dtype(layer.base_layer))
+            base = layer.base_layer
+            plan[path] = (backend_of(base), _compute_dtype(base), dense_dtype(base))
             layer.base_layer = dequantize_module(layer.base_layer, torch.float32)
     unload(model)
     errors = {}
-    for path, (backend, dtype) in plan.items():
+    for path, (backend, compute_dtype, dtype) in plan.items():
         dense = model.get_submodule(path)
         exact = dense.weight.detach().clone()
-        out = quantize(dense, backend, dtype) if requantize else dense.to(dtype)
+        out = quantize(dense, backend, compute_dtype) if requantize else dense.to(dtype)
         got = dequantize(out) if requantize else out.weight
         errors[path] = float((got.float() - exact).norm() / exact.norm().clamp_min(1e-30))
         _replace(model, path, out)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import image_batch, model_output, small_conv_net, tiny_gpt2, token_batch, train_steps
+from helpers import image_batch, model_output, small_conv_net, tiny_gpt2, tiny_llama, token_batch, train_steps
+from torch import nn
 
 from lightning_lora import (
     AdapterError,
@@ -55,7 +56,7 @@ def _deltas(directory) -> dict[str, torch.Tensor]:
 def test_cat_is_the_exact_weighted_sum_of_deltas(adapters, tmp_path):
     combined = combine([adapters["a"], adapters["b"]], [0.7, -0.3], method="cat")
     assert combined.config.r == 6 and combined.config.rank_pattern == {
-        "transformer.h.0.mlp.c_fc": 4, "transformer.h.1.mlp.c_fc": 4}
+        r"^transformer\.h\.0\.mlp\.c_fc": 4, r"^transformer\.h\.1\.mlp\.c_fc": 4}
     assert combined.config.scaling("transformer.h.0.mlp.c_fc") == combined.config.scaling("x.c_attn") == 1.0
     assert combined.total_discarded_energy == 0.0
     assert combined.metadata["architecture"] == "GPT2LMHeadModel"  # for the card and merge, as its inputs had
@@ -105,7 +106,7 @@ def test_linear_averages_the_factors_not_the_deltas(adapters):
     a, c = AdapterState.load(adapters["a"]), AdapterState.load(adapters["c"])
     mixed = combine([a, c], [0.25, 0.75], method="linear")
     assert mixed.config.r == 4 and mixed.config.rank_pattern == {
-        "transformer.h.0.mlp.c_fc": 2, "transformer.h.1.mlp.c_fc": 2}
+        r"^transformer\.h\.0\.mlp\.c_fc": 2, r"^transformer\.h\.1\.mlp\.c_fc": 2}
     fa, fc = a.factors(), c.factors()
     for path, (am, bm, scaling) in mixed.factors().items():
         (a1, b1, s1), (a2, b2, s2) = fa[path], fc[path]
@@ -153,6 +154,78 @@ def test_conv_and_embedding_layouts_combine_exactly(tmp_path, make, batch, targe
         torch.testing.assert_close(layer.delta_weight("default"), 0.5 * deltas[0][path] + 2.0 * deltas[1][path],
                                    atol=1e-5, rtol=0)
         assert deltas[0][path].abs().max() > 1e-3
+
+
+class _Nested(nn.Module):
+    """``fc`` at the top and again inside ``enc``: the path ``fc`` is a dotted suffix of ``enc.fc``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc, self.enc = nn.Linear(4, 4), nn.Sequential()
+        self.enc.fc, self.enc.out = nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.enc.out(self.enc.fc(x)) + self.fc(x[:, :4]).sum(-1, keepdim=True)
+
+
+def test_per_module_ranks_apply_to_their_module_alone(tmp_path):
+    """svd keeps ``fc`` (4 x 4) at rank 4 and the others at 8: its rank_pattern key must not also set
+    ``enc.fc``, in our loader and in PEFT's."""
+    from peft import PeftModel
+
+    states = []
+    for seed in (1, 2):
+        model = _Nested()
+        torch.manual_seed(seed)
+        inject(model, LoRAConfig(r=8, alpha=8, target_modules=["fc", "enc.fc", "enc.out"]))
+        for _, layer in lora_layers(model):
+            nn.init.normal_(layer.lora_b["default"])
+        states.append(AdapterState.from_model(model))
+    combined = combine(states, [0.5, 0.5], method="svd", r=8)
+    out = combined.save(tmp_path / "svd")
+    ours = _Nested()
+    load_adapter(ours, out)
+    assert {path: layer.lora_a["default"].shape[0] for path, layer in lora_layers(ours)} == {
+        "fc": 4, "enc.fc": 8, "enc.out": 8}
+    theirs = PeftModel.from_pretrained(_Nested(), str(out)).eval()
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(model_output(ours, x), model_output(theirs, x), atol=1e-5, rtol=0)
+    for path in ("fc", "enc.fc", "enc.out"):  # each layer holds the combination's update at scale 1
+        torch.testing.assert_close(ours.get_submodule(path).delta_weight("default").double(), combined.delta(path),
+                                   atol=1e-5, rtol=0)
+
+
+def test_peft_adapters_with_an_embedding_base_weight_combine(tmp_path):
+    """PEFT saves a targeted embedding's full base weight beside its factors: not an update, carried over."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    dirs, deltas = [], []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"],
+                                                             init_lora_weights=False))
+        directory = tmp_path / str(seed)
+        peft_model.save_pretrained(directory)
+        dirs.append(directory)
+        model = tiny_llama()
+        load_adapter(model, directory)
+        deltas.append({path: layer.delta_weight("default") for path, layer in lora_layers(model)})
+    out = combine(dirs, [0.5, 2.0]).save(tmp_path / "cat")
+    ours = tiny_llama()
+    load_adapter(ours, out)
+    for path, layer in lora_layers(ours):
+        torch.testing.assert_close(layer.delta_weight("default"), 0.5 * deltas[0][path] + 2.0 * deltas[1][path],
+                                   atol=1e-5, rtol=0)
+    theirs = PeftModel.from_pretrained(tiny_llama(), str(out)).eval()
+    batch = token_batch()
+    torch.testing.assert_close(model_output(ours, batch), model_output(theirs, batch), atol=1e-5, rtol=0)
+
+    other = AdapterState.load(dirs[1])
+    key = next(k for k in other.tensors if k.endswith("embed_tokens.base_layer.weight"))
+    other.tensors[key] = other.tensors[key] + 1.0
+    with pytest.raises(AdapterError, match=r"carries another .*embed_tokens.base_layer.weight.*one base"):
+        combine([dirs[0], other], [0.5, 0.5])
 
 
 @pytest.mark.parametrize(("names", "kwargs", "error", "match"), [

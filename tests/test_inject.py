@@ -373,3 +373,43 @@ def test_meta_device_base_refused_before_any_change():
     with pytest.raises(ConfigError, match=r"'0' \(and 1 more\) has its weights on the meta device"):
         inject(model, LoRAConfig(r=2, target_modules=["0", "2"]))
     assert not list(lora_layers(model)) and not getattr(model, "_lora_configs", None)
+
+
+def _torch_encoder() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True), 2).eval()
+
+
+def test_multihead_attention_out_proj_is_not_adapted():
+    """nn.MultiheadAttention passes out_proj.weight to its kernel without calling out_proj: an adapter there
+    would never run. all-linear leaves it out; naming it is refused."""
+    model = _torch_encoder()
+    inject(model, LoRAConfig(r=2, target_modules="all-linear"))
+    assert [p for p, _ in lora_layers(model)] == [f"layers.{i}.{n}" for i in (0, 1) for n in ("linear1", "linear2")]
+    with pytest.raises(ConfigError, match=r"'layers.0.self_attn.out_proj' is the out_proj of an "
+                                          r"nn.MultiheadAttention.*exclude it"):
+        inject(_torch_encoder(), LoRAConfig(r=2, target_modules=["out_proj"]))
+    with pytest.raises(ConfigError, match=r"MultiheadAttention, which LoRA cannot wrap.*exclude it \(exclude_modules\)$"):
+        inject(_torch_encoder(), LoRAConfig(r=2, target_modules=["self_attn"]))  # not "name out_proj instead"
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_torch_encoder_adapters_run_in_inference(padded):
+    """In eval mode nn.TransformerEncoderLayer runs a fused kernel reading linear1/linear2's weights (and
+    nn.TransformerEncoder feeds it nested tensors for padded batches): the adapters must still apply, as in
+    training mode, and unload gives the plain encoder back with the adapted output."""
+    model, x = _torch_encoder(), torch.randn(2, 3, 16)
+    mask = torch.tensor([[False, False, True], [False, False, False]]) if padded else None
+    base = model(x, src_key_padding_mask=mask)
+    inject(model, LoRAConfig(r=2, target_modules="all-linear"))
+    for _, layer in lora_layers(model):
+        nn.init.normal_(layer.lora_b["default"])
+    keep = ~mask if padded else slice(None)  # padded positions are not outputs
+    want = model.train()(x, src_key_padding_mask=mask)[keep]
+    got = model.eval()(x, src_key_padding_mask=mask)
+    assert not got.is_nested
+    torch.testing.assert_close(got[keep], want, **TOL)
+    assert (got[keep] - base[keep]).abs().max() > 0.1
+    unload(model)
+    assert type(model.layers[0].linear1) is nn.Linear
+    torch.testing.assert_close(model(x, src_key_padding_mask=mask)[keep], want, **TOL)

@@ -152,6 +152,28 @@ def test_t5_all_linear_peft_adapter_runs_and_trains_in_ours(adapter_path):
     assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
 
 
+@pytest.mark.parametrize("init", ["orthogonal", "eva"])
+def test_peft_adapter_from_an_init_that_keeps_the_base_loads(init, adapter_path):
+    """PEFT's "orthogonal" and "eva" only choose where A and B start, on the unchanged base: trained, the adapter is
+    plain LoRA (PiSSA-like inits, which rewrite the base, are refused: test_bad_input)."""
+    batch = token_batch()
+    peft_model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                                  init_lora_weights="orthogonal")).eval()
+    with torch.no_grad():  # training moves B A off zero
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    theirs = model_output(peft_model, batch)
+    peft_model.save_pretrained(adapter_path)
+    config_file = adapter_path / "adapter_config.json"
+    config_file.write_text(config_file.read_text().replace('"orthogonal"', f'"{init}"'))  # EVA needs data to start
+
+    model = tiny_llama()
+    load_adapter(model, adapter_path)
+    assert not torch.allclose(theirs, model_output(tiny_llama(), batch), atol=1e-3), "the adapter must matter"
+    assert torch.allclose(model_output(model, batch), theirs, atol=1e-5, rtol=0)
+
+
 EMBEDDING_TARGETS = {"embed_tokens": "model.embed_tokens", "lm_head": "lm_head"}
 
 

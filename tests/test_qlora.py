@@ -14,7 +14,17 @@ import torch.nn.functional as F
 from helpers import assert_same_state, model_output, state_snapshot, tiny_llama, token_batch
 from torch import nn
 
-from lightning_lora import ConfigError, LoRAConfig, LoRALayer, inject, load_adapter, quant, save_adapter
+from lightning_lora import (
+    ConfigError,
+    LoRAConfig,
+    LoRALayer,
+    inject,
+    load_adapter,
+    merge,
+    quant,
+    save_adapter,
+    unload,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(b not in quant.available_backends(),
@@ -99,6 +109,21 @@ def test_qlora_trains_then_merges_dense_or_requantized(backend):
     assert all(0.0 < e < 0.15 for e in errors.values()), errors
     assert quant.is_quantized(requantized.model.layers[0].mlp.up_proj)
     assert (model_output(requantized, batch) - want).abs().max() < 0.5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("how", ["merge", "unload", "unload_quantized"])
+def test_bf16_compute_merges_into_layers_of_the_models_dtype(backend, how):
+    """An fp32 model computing its 4-bit layers in bf16 takes and returns fp32 there: the merged dense layers
+    are fp32 too, so the model still runs (in bf16 they refused the fp32 activations)."""
+    model, batch = tiny_llama(hidden=64), token_batch()
+    inject(model, LoRAConfig(r=4, target_modules=["q_proj", "down_proj"], quantize="nf4", quant_backend=backend,
+                             compute_dtype="bfloat16"))
+    want = model_output(model, batch)
+    {"merge": merge, "unload": unload, "unload_quantized": quant.unload_quantized}[how](model)
+    proj = model.model.layers[0].self_attn.q_proj
+    assert (proj.base_layer if how == "merge" else proj).weight.dtype == torch.float32
+    assert (model_output(model, batch) - want).abs().max() < 0.02  # the bf16 rounding of the unmerged model
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
