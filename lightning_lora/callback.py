@@ -98,6 +98,8 @@ class LoRACallback(Callback):
         dropout: float | None = None,
         target_modules: list[str] | str | None = None,
         exclude_modules: list[str] | str | None = None,
+        layers_to_transform: int | list[int] | None = None,
+        layers_pattern: str | list[str] | None = None,
         bias: Literal["none", "all", "lora_only"] | None = None,
         modules_to_save: list[str] | None = None,
         use_rslora: bool | None = None,

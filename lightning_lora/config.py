@@ -54,11 +54,12 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
 _PEFT_KEYS = (
     "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "r", "lora_alpha",
     "lora_dropout", "target_modules", "exclude_modules", "bias", "modules_to_save", "fan_in_fan_out",
-    "use_rslora", "use_dora", "init_lora_weights", "rank_pattern", "alpha_pattern",
+    "use_rslora", "use_dora", "init_lora_weights", "rank_pattern", "alpha_pattern", "layers_to_transform",
+    "layers_pattern",
 )
 #: PEFT options that change what a trained adapter computes and that we do not implement: refused on load.
 _UNSUPPORTED = (
-    "layers_to_transform", "layer_replication", "use_qalora", "lora_bias", "target_parameters",
+    "layer_replication", "use_qalora", "lora_bias", "target_parameters",
     "trainable_token_indices", "alora_invocation_tokens", "use_bdlora", "arrow_config", "kasa_config",
     "monteclora_config",
 )
@@ -95,6 +96,12 @@ class LoRAConfig:
             whole paths with ``re.fullmatch``; ``"all-linear"`` for every linear layer except the output head;
             None to take the default for ``model.config.model_type``.
         exclude_modules: names or a regex, matched like ``target_modules``, removed from the targets.
+        layers_to_transform: only the layers with these indices (an int or a list) among the modules a list of
+            `target_modules` names (PEFT's rule, not with a regex or ``"all-linear"``). A module's layer index is
+            the number after the first ``<name>.`` followed by digits in its path (``model.layers.3.self_attn``
+            is layer 3), or after one of `layers_pattern`.
+        layers_pattern: the name(s) of the module list that holds the layers (``"layers"``, ``"h"``), for
+            `layers_to_transform` when the first numbered segment of a path is not the layer index.
         bias: which biases train: ``"none"``, ``"all"``, or ``"lora_only"`` (those of adapted layers).
         modules_to_save: names of whole modules kept trainable and saved with the adapter (e.g. a new
             classifier head); a module is selected when its path ends with a name (PEFT's rule: plain string
@@ -119,6 +126,8 @@ class LoRAConfig:
     dropout: float = 0.0
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
+    layers_to_transform: int | list[int] | None = None
+    layers_pattern: str | list[str] | None = None
     bias: Bias = "none"
     modules_to_save: list[str] | None = None
     use_rslora: bool = False
@@ -142,6 +151,7 @@ class LoRAConfig:
             raise ConfigError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
         self.target_modules = _names_or_regex("target_modules", self.target_modules)
         self.exclude_modules = _names_or_regex("exclude_modules", self.exclude_modules)
+        self._check_layers()
         if self.modules_to_save is not None:  # a list of names; one bare name is taken as a list of one
             names = [self.modules_to_save] if isinstance(self.modules_to_save, str) else self.modules_to_save
             self.modules_to_save = _names_or_regex("modules_to_save", names)
@@ -165,6 +175,35 @@ class LoRAConfig:
             _check_alpha(f"alpha_pattern[{key!r}]", value)
         self.alpha = float(self.alpha)
         self.dropout = float(self.dropout)
+
+    def _check_layers(self) -> None:
+        layers, pattern = self.layers_to_transform, self.layers_pattern
+        indices = layers if isinstance(layers, list) else [layers]
+        if layers is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in indices):
+            raise ConfigError(f"layers_to_transform must be a layer index >= 0 or a list of them, got {layers!r}")
+        names = pattern if isinstance(pattern, list) else [pattern]
+        if pattern is not None and not all(isinstance(n, str) and n for n in names):
+            raise ConfigError(f"layers_pattern must be a module name or a list of them, got {pattern!r}")
+        if pattern and layers is None:
+            raise ConfigError("layers_pattern only says where the layer index is: set layers_to_transform too")
+        if layers is not None and isinstance(self.target_modules, str):
+            raise ConfigError(f"layers_to_transform needs target_modules as a list of names, not "
+                              f"{self.target_modules!r} (PEFT's rule); a regex can name the layers itself, "
+                              f"e.g. r'.*\\.layers\\.(0|1)\\..*q_proj'")
+
+    def in_layers(self, path: str) -> bool:
+        """Whether module `path` is in `layers_to_transform` (always, without it): PEFT's rule
+        (`check_target_module_exists`), the index being the first numbered path segment after a name, or after
+        one of `layers_pattern`."""
+        layers, pattern = self.layers_to_transform, self.layers_pattern
+        if layers is None or layers == []:
+            return True
+        if pattern:
+            names = pattern if isinstance(pattern, list) else [pattern]
+            found = next(filter(None, (re.match(rf"(?:^|.*?\.){name}\.(\d+)\.", path) for name in names)), None)
+        else:
+            found = re.match(r".*?\.[^.]*\.(\d+)\.", path)
+        return found is not None and int(found[1]) in (layers if isinstance(layers, list) else [layers])
 
     def rank_for(self, path: str) -> int:
         """The rank for the module at `path`: a `rank_pattern` entry if one matches, else `r`."""
@@ -201,6 +240,8 @@ class LoRAConfig:
             "lora_dropout": self.dropout,
             "target_modules": sorted(targets) if isinstance(targets, list) else targets,
             "exclude_modules": self.exclude_modules,
+            "layers_to_transform": self.layers_to_transform,
+            "layers_pattern": self.layers_pattern,
             "bias": self.bias,
             "modules_to_save": self.modules_to_save,
             "fan_in_fan_out": self.fan_in_fan_out,
@@ -236,6 +277,8 @@ class LoRAConfig:
             dropout=data.get("lora_dropout", 0.0) or 0.0,
             target_modules=data.get("target_modules"),
             exclude_modules=data.get("exclude_modules"),
+            layers_to_transform=data.get("layers_to_transform"),
+            layers_pattern=data.get("layers_pattern") or None,
             bias=data.get("bias", "none"),
             modules_to_save=data.get("modules_to_save"),
             use_rslora=_flag(data, "use_rslora"),

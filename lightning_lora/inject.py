@@ -77,7 +77,7 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
             if module is head or path in bypassed or (lora_class_for(module) is not LoRALinear
                                                       and not isinstance(module, LoRALinear)):
                 continue
-        elif not matches(spec, path):
+        elif not matches(spec, path) or not config.in_layers(path):
             continue
         if path in bypassed:
             raise ConfigError(

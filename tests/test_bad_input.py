@@ -230,7 +230,7 @@ CORPUS: dict[str, tuple[Callable[[Path], None], str]] = {
     "init-pissa": (_edit_config(_set("init_lora_weights", "pissa_niter_4")),
                    r"init_lora_weights='pissa_niter_4': PEFT changed the base weights.*converted to plain LoRA"),
     "init-unknown": (_edit_config(_set("init_lora_weights", "mica")), r"init_lora_weights='mica' is not supported"),
-    "unsupported-option": (_edit_config(_set("layers_to_transform", [0])), r"unsupported PEFT options"),
+    "unsupported-option": (_edit_config(_set("layer_replication", [[0, 1]])), r"unsupported PEFT options"),
     "activated-lora": (_edit_config(_set("alora_invocation_tokens", [5, 6])),
                        r"unsupported PEFT options.*'alora_invocation_tokens': \[5, 6\]\} \(they change what"),
     "trainable-tokens": (_edit_config(_set("trainable_token_indices", [1])), r"'trainable_token_indices'"),
@@ -295,6 +295,11 @@ def test_half_precision_adapter_loads(good_adapter, tmp_path):
     ({"bias": "yes"}, r"bias must be 'none', 'all' or 'lora_only', got 'yes'"),
     ({"init": "zeros"}, r"init must be 'kaiming' or 'gaussian'"),
     ({"modules_to_save": False}, r"modules_to_save must be a list of module names"),
+    ({"target_modules": ["q"], "layers_to_transform": [0, -1]}, r"layers_to_transform must be a layer index >= 0"),
+    ({"target_modules": ["q"], "layers_to_transform": True}, r"layers_to_transform must be a layer index"),
+    ({"target_modules": ["q"], "layers_pattern": "layers"}, r"layers_pattern only says .*: set layers_to_transform"),
+    ({"target_modules": ["q"], "layers_to_transform": 0, "layers_pattern": [""]}, r"layers_pattern must be a module"),
+    ({"target_modules": "all-linear", "layers_to_transform": 0}, r"layers_to_transform needs target_modules as a list"),
 ])
 def test_config_errors_name_the_field(fields, message):
     with pytest.raises(ConfigError, match=message):

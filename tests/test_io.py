@@ -33,7 +33,8 @@ from lightning_lora.io import fingerprint, read_header
 PEFT_KEYS = {
     "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "r", "lora_alpha",
     "lora_dropout", "target_modules", "exclude_modules", "bias", "modules_to_save", "fan_in_fan_out",
-    "use_rslora", "use_dora", "init_lora_weights", "rank_pattern", "alpha_pattern",
+    "use_rslora", "use_dora", "init_lora_weights", "rank_pattern", "alpha_pattern", "layers_to_transform",
+    "layers_pattern",
 }
 
 

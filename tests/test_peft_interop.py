@@ -65,6 +65,10 @@ CASES = {
     # likewise when the config names the task: PEFT's SEQ_CLS class would demand the head it does not hold
     "bert-task-named-head-not-saved": (tiny_bert_classifier, {"r": 2, "alpha": 4, "target_modules": ["query", "value"],
                                                               "task_type": "SEQ_CLS"}),
+    # PEFT's layer rule: the first numbered segment, or the one after layers_pattern
+    "gpt2-one-layer": (tiny_gpt2, {"r": 4, "alpha": 8, "target_modules": ["c_attn", "c_fc"], "layers_to_transform": 1}),
+    "llama-layers-pattern": (lambda: tiny_llama(layers=3), {"r": 4, "alpha": 8, "target_modules": ["q_proj", "down_proj"],
+                                                            "layers_to_transform": [0, 2], "layers_pattern": "layers"}),
 }
 
 
@@ -84,7 +88,8 @@ def _peft_config(fields: dict) -> peft.LoraConfig:
         r=fields["r"], lora_alpha=fields["alpha"], target_modules=fields["target_modules"],
         use_rslora=fields.get("use_rslora", False), rank_pattern=fields.get("rank_pattern", {}),
         alpha_pattern=fields.get("alpha_pattern", {}), modules_to_save=fields.get("modules_to_save"),
-        task_type=fields.get("task_type"), init_lora_weights=False,  # B random too: a non-trivial adapter
+        task_type=fields.get("task_type"), layers_to_transform=fields.get("layers_to_transform"),
+        layers_pattern=fields.get("layers_pattern"), init_lora_weights=False,  # B random too: a non-trivial adapter
     )
 
 
@@ -125,6 +130,8 @@ def test_peft_saved_loads_in_ours(case, adapter_path):
     ranks = {p: layer.lora_a["default"].shape[0] for p, layer in lora_layers(model)}
     if fields.get("rank_pattern"):
         assert ranks["model.layers.1.self_attn.q_proj"] == 2 and ranks["model.layers.0.self_attn.q_proj"] == 4
+    assert set(ranks) == {p.removeprefix("base_model.model.") for p, m in peft_model.named_modules()
+                          if isinstance(m, peft.tuners.lora.LoraLayer)}
     assert not torch.allclose(theirs, model_output(build(), batch), atol=1e-3)
     assert torch.allclose(model_output(model, batch), theirs, atol=1e-5, rtol=0)
 
