@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -131,6 +132,8 @@ def inject(
     _check_beside(registry, config, adapter_name)
     targets = find_targets(model, config)
     _check_saved_not_tied(model, config)
+    if config.target_modules == "all-linear":
+        _warn_stacked_weights(model)
     meta = [path for path in targets if any(p.is_meta for p in model.get_submodule(path).parameters())]
     if meta:
         raise ConfigError(
@@ -159,6 +162,21 @@ def inject(
     model._lora_configs[adapter_name] = config
     set_adapter(model, adapter_name)
     return summarize(model)
+
+
+def _warn_stacked_weights(model: nn.Module) -> None:
+    """Say which weights ``"all-linear"`` leaves frozen because they are not layers: mixture-of-experts models
+    (transformers 5's Mixtral, Qwen-MoE, ...) hold every expert's projection in one stacked 3-D parameter
+    ``[experts, out, in]``, which PEFT adapts through ``target_parameters`` and lightning-lora does not."""
+    skip = [p + "." for p, m in model.named_modules() if isinstance(m, (nn.modules.conv._ConvNd, LoRALayer))]
+    stacked = [n for n, p in model.named_parameters()
+               if p.dim() == 3 and p.shape[0] > 1 and not any(n.startswith(s) for s in skip)]
+    if stacked:
+        warnings.warn(
+            f"all-linear adapts linear layers only; {len(stacked)} stacked 3-D weights stay frozen and untrained "
+            f"({', '.join(stacked[:3])}{', ...' if len(stacked) > 3 else ''}: a mixture of experts' projections, "
+            f"which PEFT reaches with target_parameters, not supported here)", stacklevel=3,
+        )
 
 
 def same_adapter(model: nn.Module, a: LoRAConfig, b: LoRAConfig) -> bool:

@@ -3,6 +3,8 @@ adapters on one model."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from helpers import (
@@ -413,3 +415,21 @@ def test_torch_encoder_adapters_run_in_inference(padded):
     unload(model)
     assert type(model.layers[0].linear1) is nn.Linear
     torch.testing.assert_close(model(x, src_key_padding_mask=mask)[keep], want, **TOL)
+
+
+def test_all_linear_names_the_stacked_expert_weights_it_leaves_frozen():
+    """transformers 5 keeps a mixture of experts' projections in stacked 3-D parameters, not layers: all-linear
+    cannot adapt them and says so, instead of training a fraction of what PEFT's all-linear trains in silence."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    model = MixtralForCausalLM(MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, num_local_experts=4))
+    with pytest.warns(UserWarning, match=r"4 stacked 3-D weights stay frozen and untrained \(model\.layers\.0\.mlp\."
+                                         r"experts\.gate_up_proj, model\.layers\.0\.mlp\.experts\.down_proj, .*\.\.\.: "
+                                         r"a mixture of experts' projections"):
+        inject(model, LoRAConfig(target_modules="all-linear"))
+    assert not model.model.layers[0].mlp.experts.gate_up_proj.requires_grad
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing stacked in a dense model, nor in LoRA's own conv factors
+        inject(tiny_llama(), LoRAConfig(target_modules="all-linear"))
+        inject(nn.Sequential(nn.Conv1d(3, 4, 3), nn.Linear(2, 2)), LoRAConfig(target_modules="all-linear"))
