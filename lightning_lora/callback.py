@@ -145,7 +145,9 @@ class LoRACallback(Callback):
             for param in module.parameters():
                 param.requires_grad_(id(param) in trainable)
         if not any(isinstance(h, _IgnoreFrozenMissing) for h in module._load_state_dict_post_hooks.values()):
-            module.register_load_state_dict_post_hook(_IgnoreFrozenMissing())
+            hook = _IgnoreFrozenMissing()
+            module._register_load_state_dict_pre_hook(hook.remember_prefix)  # public only from torch 2.5
+            module.register_load_state_dict_post_hook(hook)
         self.summary = summarize(module)
         return self.summary
 
@@ -373,11 +375,21 @@ def load_lora_checkpoint(module: nn.Module | type[pl.LightningModule], ckpt_path
 class _IgnoreFrozenMissing:
     """``load_state_dict`` post-hook: an adapter-only state dict lacks the frozen tensors, so their names are
     dropped from ``missing_keys``; a missing trainable (LoRA) key still fails a strict load. A class, not a
-    closure, so the module stays picklable."""
+    closure, so the module stays picklable.
+
+    Loaded as part of a larger module (``outer.load_state_dict``), the module's hook sees the whole load's missing
+    keys, named from the outer module: its pre-hook half records the prefix the module is loaded under, so that
+    only this module's frozen keys are dropped, not its LoRA keys or other modules' keys."""
+
+    prefix = ""
+
+    def remember_prefix(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        self.prefix = prefix
 
     def __call__(self, module: nn.Module, incompatible: Any) -> None:
-        trainable = _trainable_names(module)
-        incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if _clean(k) in trainable]
+        trainable, prefix = _trainable_names(module), self.prefix
+        incompatible.missing_keys[:] = [k for k in incompatible.missing_keys
+                                        if not k.startswith(prefix) or _clean(k[len(prefix):]) in trainable]
 
 
 class _Chain:

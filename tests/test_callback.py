@@ -565,3 +565,20 @@ def test_second_callback_and_a_file_as_adapter_dir_refused(tmp_path):
     (tmp_path / "adapters").write_text("")
     with pytest.raises(ConfigError, match=r"adapter_dir='.*adapters' is a file; name a folder"):
         LoRACallback(adapter_dir=tmp_path / "adapters")
+
+
+def test_adapter_only_load_stays_strict_inside_a_larger_module():
+    """Loaded through a module that holds it (an EMA's AveragedModel, a wrapper, a container), the adapted module's
+    frozen keys may be missing, but its LoRA keys and the other modules' keys stay strict."""
+    import pickle
+
+    from lit_models import MLP
+
+    inner = MLP()
+    LoRACallback(r=2, target_modules=["fc1"]).apply(inner)
+    outer = pickle.loads(pickle.dumps(nn.Sequential(nn.Linear(4, 4), inner)))  # the hooks survive pickling
+    state = {k: v for k, v in outer.state_dict().items() if "lora_" in k or k.startswith("0.")}
+    outer.load_state_dict(state)  # "1.fc1.base_layer.weight" and the other frozen keys of `inner` missing
+    for key in ("1.fc1.lora_A.default", "0.weight"):
+        with pytest.raises(RuntimeError, match=rf'Missing key\(s\) in state_dict: "{key}"'):
+            outer.load_state_dict({k: v for k, v in state.items() if k != key})
