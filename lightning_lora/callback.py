@@ -54,7 +54,7 @@ class LoRACallback(Callback):
             which is how LightningCLI's YAML sets them (see `LoRAConfig` for their meaning).
         adapter_dir: if set, every checkpoint save and the end of training write the adapter in PEFT's format
             to ``<adapter_dir>/last``, and to ``<adapter_dir>/best`` when ModelCheckpoint's best changes
-            (atomically, global rank 0 only, with a model card).
+            (atomically, global rank 0 only, with a model card; not in a ``fast_dev_run``).
         model_attr: the attribute of the LightningModule holding the model to adapt (e.g. ``"model"`` for a
             transformers model in ``self.model``, whose ``config.model_type`` then picks default targets, and
             whose PEFT export then loads into that transformers class), or a dotted path to it
@@ -300,7 +300,11 @@ class LoRACallback(Callback):
 
     def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule, name: str,
                 metric: tuple[str, float] | None) -> None:
-        """Write the adapter on global rank 0. Called on every rank: sharded tensors are gathered first."""
+        """Write the adapter on global rank 0. Called on every rank: sharded tensors are gathered first. Never in a
+        ``fast_dev_run``, for which Lightning writes no checkpoint or log either: a debug run must not replace a
+        trained adapter."""
+        if trainer.fast_dev_run:
+            return
         with _whole_parameters(trainer, self._target(pl_module)):
             if trainer.is_global_zero:
                 self._write_export(trainer, pl_module, name, metric)

@@ -582,3 +582,13 @@ def test_adapter_only_load_stays_strict_inside_a_larger_module():
     for key in ("1.fc1.lora_A.default", "0.weight"):
         with pytest.raises(RuntimeError, match=rf'Missing key\(s\) in state_dict: "{key}"'):
             outer.load_state_dict({k: v for k, v in state.items() if k != key})
+
+
+def test_fast_dev_run_leaves_the_exported_adapter_alone(tmp_path):
+    """Lightning's smoke test writes no checkpoint and no log; it replaced `last` with a one-step adapter."""
+    fit(CausalLM(), tmp_path, [LoRACallback(r=2, model_attr="model", adapter_dir=tmp_path / "ad")], max_steps=2)
+    exported = (tmp_path / "ad" / "last" / "adapter_model.safetensors").read_bytes()
+    module = CausalLM(seed=1)
+    fit(module, tmp_path, [LoRACallback(r=2, model_attr="model", adapter_dir=tmp_path / "ad")], fast_dev_run=True)
+    assert all_b_nonzero(module)  # it trained
+    assert (tmp_path / "ad" / "last" / "adapter_model.safetensors").read_bytes() == exported
