@@ -350,8 +350,9 @@ def load_lora_checkpoint(module: nn.Module | type[pl.LightningModule], ckpt_path
                          **kwargs: Any) -> nn.Module:
     """`LightningModule.load_from_checkpoint` for LoRACallback's adapter-only checkpoints.
 
-    `module` is either a built module holding the base model (as for training), or a LightningModule class,
-    then built with ``load_from_checkpoint(ckpt_path, **kwargs)`` from its saved hyperparameters. The saved
+    `module` is either a built module holding the base model (as for training; a LightningModule's
+    `configure_model` runs first, as in ``load_from_checkpoint``), or a LightningModule class, then built with
+    ``load_from_checkpoint(ckpt_path, **kwargs)`` from its saved hyperparameters. The saved
     LoRA config is injected and the saved tensors (trainable ones, running statistics) loaded, strictly: a
     missing or extra LoRA key, another shape or another base model raises. Returns the module::
 
@@ -367,6 +368,8 @@ def load_lora_checkpoint(module: nn.Module | type[pl.LightningModule], ckpt_path
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Found keys that are")  # the LoRA keys, loaded below
             module = module.load_from_checkpoint(_bytes_io.BytesIO(data), strict=False, **kwargs)
+    elif isinstance(module, pl.LightningModule) and is_overridden("configure_model", module):
+        module.configure_model()  # the model may exist only once it ran (idempotent, as Lightning requires)
     config = {k: v for k, v in record["config"].items() if k in _CONFIG_FIELDS}
     callback = LoRACallback(LoRAConfig(**config), model_attr=record["model_attr"])
     callback.apply(module)

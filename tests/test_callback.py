@@ -320,6 +320,10 @@ def test_model_built_in_configure_model_and_module_stays_picklable(tmp_path):
     fit(module, tmp_path, [callback], max_steps=2)
     assert len(list(lora_layers(module))) == 2 and all_b_nonzero(module)
     assert "configure_model" not in module.__dict__  # the wrapper is undone in teardown
+    for source in (BuiltInConfigureModel, BuiltInConfigureModel()):  # an instance gets its configure_model run
+        loaded = load_lora_checkpoint(source, next((tmp_path / "checkpoints").glob("*.ckpt"))).eval()
+        with torch.no_grad():
+            assert torch.equal(loaded(BATCH), module.eval()(BATCH))
     clone = pickle.loads(pickle.dumps(module))
     state = {k: v for k, v in module.state_dict().items() if "lora_" in k}
     clone.load_state_dict(state)  # frozen keys missing: accepted; LoRA keys: strict
