@@ -271,8 +271,13 @@ class LoRACallback(Callback):
     def _after_module_save(self, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         # Lightning skips Callback.on_save_checkpoint for weights-only saves (ModelCheckpoint(save_weights_only=
         # True), trainer.save_checkpoint(weights_only=True)); the module's hook always runs, after the callbacks'.
+        # A callback after this one may have put a whole model back (EMAWeightAveraging writes its averaged copy):
+        # cut it down again.
         if RECORD_KEY not in checkpoint:
             self.on_save_checkpoint(pl_module.trainer, pl_module, checkpoint)
+        target = self._target(pl_module)
+        checkpoint["state_dict"] = _adapter_only(pl_module, target, self.resolved_config(pl_module),
+                                                 checkpoint["state_dict"])
 
     def _before_module_load(self, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         # The module's on_load_checkpoint runs right before its load_state_dict (the callbacks' only after it),

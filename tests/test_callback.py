@@ -596,3 +596,21 @@ def test_fast_dev_run_leaves_the_exported_adapter_alone(tmp_path):
     fit(module, tmp_path, [LoRACallback(r=2, model_attr="model", adapter_dir=tmp_path / "ad")], fast_dev_run=True)
     assert all_b_nonzero(module)  # it trained
     assert (tmp_path / "ad" / "last" / "adapter_model.safetensors").read_bytes() == exported
+
+
+def test_ema_weight_averaging_checkpoints_stay_adapter_only_and_resume(tmp_path):
+    """EMAWeightAveraging, listed after LoRACallback, put its whole averaged model into every checkpoint's state
+    dict (35x the adapter). Cut down again, the checkpoint still resumes both the model and the average."""
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    def run(max_epochs, ckpt_path=None) -> tuple[L.Trainer, ModelCheckpoint]:
+        checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1)
+        callbacks = [LoRACallback(r=2, model_attr="model"), EMAWeightAveraging(decay=0.5), checkpoint]
+        return fit(CausalLM(), tmp_path, callbacks, ckpt_path=ckpt_path, max_epochs=max_epochs), checkpoint
+
+    first, checkpoint = run(1)
+    saved = torch.load(checkpoint.best_model_path, weights_only=True)
+    names = set(trainable(first.lightning_module))
+    assert set(saved["state_dict"]) == set(saved["current_model_state"]) == names
+    resumed, _ = run(2, ckpt_path=checkpoint.best_model_path)
+    assert resumed.global_step == 8
