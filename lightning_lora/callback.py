@@ -164,6 +164,8 @@ class LoRACallback(Callback):
                 "naming layers in each, e.g. ['enc.0', 'dec.0'])"
             )
         _check_fsdp_settings(trainer.strategy)
+        if stage == "fit":
+            _check_averaging_order(trainer, self)
         if isinstance(trainer.strategy, ModelParallelStrategy):
             # It loads a full checkpoint parameter by parameter, past the post-hook that lets frozen keys be
             # missing: let it skip them; `_before_module_load` then checks the LoRA keys, before any step.
@@ -562,6 +564,22 @@ def _check_fsdp_settings(strategy: Any) -> None:
             "(Lightning-AI/pytorch-lightning#20274). Use FSDPStrategy(state_dict_type='full'): the checkpoint "
             "holds only the LoRA tensors anyway"
         )
+
+
+def _check_averaging_order(trainer: pl.Trainer, callback: LoRACallback) -> None:
+    """Lightning's WeightAveraging (EMA, SWA) copies the module in its own `setup`: listed before LoRACallback, it
+    copies the model without the adapter, and its first update fails on mismatched shapes, or its average misses
+    the LoRA weights."""
+    try:
+        from lightning.pytorch.callbacks import WeightAveraging  # Lightning >= 2.6
+    except ImportError:
+        return
+    before = trainer.callbacks[:trainer.callbacks.index(callback)]
+    early = next((cb for cb in before if isinstance(cb, WeightAveraging)), None)
+    if early is not None:
+        raise ConfigError(f"{type(early).__name__} is listed before LoRACallback in Trainer(callbacks=[...]): it "
+                          f"copies the model in its setup, before LoRA is injected, so its average would lack the "
+                          f"adapter; list LoRACallback first")
 
 
 def _check_record(record: dict[str, Any], config: LoRAConfig, base_fingerprint: str, ckpt_path: Any) -> None:

@@ -614,3 +614,12 @@ def test_ema_weight_averaging_checkpoints_stay_adapter_only_and_resume(tmp_path)
     assert set(saved["state_dict"]) == set(saved["current_model_state"]) == names
     resumed, _ = run(2, ckpt_path=checkpoint.best_model_path)
     assert resumed.global_step == 8
+
+
+def test_weight_averaging_listed_before_lora_is_refused(tmp_path):
+    """Listed first, it copied the model before injection and failed in torch on mismatched shapes."""
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    with pytest.raises(ConfigError, match=r"EMAWeightAveraging is listed before LoRACallback .* list LoRACallback "
+                                          r"first"):
+        fit(CausalLM(), tmp_path, [EMAWeightAveraging(), LoRACallback(r=2, model_attr="model")], max_steps=1)
