@@ -202,7 +202,8 @@ class LoRACallback(Callback):
             for folder in self._write_dirs(trainer):
                 remove_stale_temps(folder)
         for logger in trainer.loggers:
-            logger.log_hyperparams({**summary.metrics(), "lora/r": config.r, "lora/alpha": config.alpha})
+            logger.log_hyperparams({**_lightning_hparams(trainer), **summary.metrics(), "lora/r": config.r,
+                                    "lora/alpha": config.alpha})
         _warn_unexported_statistics(self._target(pl_module), config)
         if self.model_attr is None:
             _warn_wrapped_transformers_model(pl_module)
@@ -488,6 +489,16 @@ def _warn_wrapped_transformers_model(pl_module: pl.LightningModule) -> None:
         rank_zero_warn(f"LoRA: the LightningModule holds a transformers model in `self.{name}`; set "
                        f"LoRACallback(model_attr={name!r}) so that the PEFT export loads onto that model (without it "
                        f"the export's keys start at the LightningModule and PEFT or transformers would load none)")
+
+
+def _lightning_hparams(trainer: pl.Trainer) -> dict[str, Any]:
+    """The hyperparameters Lightning logs right after `on_fit_start` (the module's and the datamodule's, as its
+    `_log_hyperparams` merges them). LoRA's figures go out together with them: TensorBoard's HParams view keeps the
+    first set a run logs, so the figures alone would hide the user's hyperparameters there."""
+    module, data = trainer.lightning_module, trainer.datamodule
+    merged = {**(module.hparams_initial if module._log_hyperparams else {}),
+              **(data.hparams_initial if data is not None and data._log_hyperparams else {})}
+    return {k: v for k, v in merged.items() if k != "_class_path"}
 
 
 def _fsdp_root(trainer: pl.Trainer) -> nn.Module | None:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import yaml
 from helpers import tiny_gpt2
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, Logger
 from lit_models import CausalLM, Classifier, token_loader, trainer_kwargs
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -206,6 +206,31 @@ def test_logged_ratio_matches_independent_count(tmp_path):
     assert hparams["lora/total_params"] == total
     assert hparams["lora/trainable_ratio"] == pytest.approx(lora / total, rel=1e-12)
     assert hparams["lora/r"] == r and hparams["lora/alpha"] == 8.0
+
+
+class FirstHyperparameters(Logger):
+    """A logger that keeps only the first hyperparameters a run sends it, as TensorBoard's HParams view does."""
+
+    name, version = "first", 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hparams: dict | None = None
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        if self.hparams is None:
+            self.hparams = dict(params)
+
+    def log_metrics(self, metrics, step=None) -> None:
+        pass
+
+
+def test_logged_figures_do_not_hide_the_modules_hyperparameters(tmp_path):
+    """LoRA's figures went out alone, before Lightning logs the module's hyperparameters: TensorBoard then showed
+    lora/* and none of the user's (lr, ...)."""
+    logger = FirstHyperparameters()
+    fit(CausalLM(lr=0.01), tmp_path, [LoRACallback(r=4, model_attr="model")], logger=logger, max_steps=1)
+    assert logger.hparams["lr"] == 0.01 and logger.hparams["lora/r"] == 4
 
 
 def test_second_fit_and_validate_do_not_rewrap(tmp_path):
