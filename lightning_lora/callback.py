@@ -116,7 +116,8 @@ class LoRACallback(Callback):
     ) -> None:
         fields = {k: v for k, v in locals().items() if k in _CONFIG_FIELDS and v is not None}
         self.config = (config or LoRAConfig()).replace(**fields)
-        self.adapter_dir = Path(adapter_dir) if adapter_dir is not None else None
+        # "~" expanded, as Lightning does for default_root_dir and ModelCheckpoint's dirpath (YAML configs use it)
+        self.adapter_dir = Path(adapter_dir).expanduser() if adapter_dir is not None else None
         if self.adapter_dir is not None and self.adapter_dir.exists() and not self.adapter_dir.is_dir():
             raise ConfigError(f"adapter_dir={str(adapter_dir)!r} is a file; name a folder (created if missing)")
         self.model_attr = model_attr
@@ -366,7 +367,7 @@ def load_lora_checkpoint(module: nn.Module | type[pl.LightningModule], ckpt_path
 
         model = load_lora_checkpoint(MyModule, "checkpoints/epoch=2-step=300.ckpt")
     """
-    data = Path(ckpt_path).read_bytes()  # read once: a LightningModule class is built from the same bytes
+    data = Path(ckpt_path).expanduser().read_bytes()  # read once: a LightningModule class is built from them too
     checkpoint = torch.load(_bytes_io.BytesIO(data), map_location="cpu", weights_only=True)
     record = checkpoint.get(RECORD_KEY)
     if record is None:

@@ -585,6 +585,19 @@ def test_spawned_strategy_needs_apply_before_fit(tmp_path):
     assert all_b_nonzero(module)
 
 
+def test_adapter_dir_expands_the_home_folder(tmp_path, monkeypatch):
+    """As Lightning's default_root_dir and ModelCheckpoint(dirpath) do: a YAML config's "~/adapters" made a folder
+    named "~" in the working directory."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    checkpoint = ModelCheckpoint(dirpath="~/ckpt")
+    fit(CausalLM(), tmp_path, [LoRACallback(r=2, model_attr="model", adapter_dir="~/adapters"), checkpoint],
+        max_steps=1)
+    assert (tmp_path / "home" / "adapters" / "last" / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "~").exists()
+    load_lora_checkpoint(CausalLM(), f"~/ckpt/{Path(checkpoint.best_model_path).name}")  # as load_from_checkpoint
+
+
 def test_second_callback_and_a_file_as_adapter_dir_refused(tmp_path):
     """Each LoRACallback freezes all but its own adapter: a second one silently froze the first's. And an
     adapter_dir that is a file failed only at the first export, after an epoch, losing its checkpoint."""
