@@ -54,7 +54,7 @@ class LoRACallback(Callback):
             which is how LightningCLI's YAML sets them (see `LoRAConfig` for their meaning).
         adapter_dir: if set, every checkpoint save and the end of training write the adapter in PEFT's format
             to ``<adapter_dir>/last``, and to ``<adapter_dir>/best`` when ModelCheckpoint's best changes
-            (atomically, global rank 0 only, with a model card).
+            (atomically, global rank 0 only, with a model card; not in a ``fast_dev_run``).
         model_attr: the attribute of the LightningModule holding the model to adapt (e.g. ``"model"`` for a
             transformers model in ``self.model``, whose ``config.model_type`` then picks default targets, and
             whose PEFT export then loads into that transformers class), or a dotted path to it
@@ -118,7 +118,8 @@ class LoRACallback(Callback):
     ) -> None:
         fields = {k: v for k, v in locals().items() if k in _CONFIG_FIELDS and v is not None}
         self.config = (config or LoRAConfig()).replace(**fields)
-        self.adapter_dir = Path(adapter_dir) if adapter_dir is not None else None
+        # "~" expanded, as Lightning does for default_root_dir and ModelCheckpoint's dirpath (YAML configs use it)
+        self.adapter_dir = Path(adapter_dir).expanduser() if adapter_dir is not None else None
         if self.adapter_dir is not None and self.adapter_dir.exists() and not self.adapter_dir.is_dir():
             raise ConfigError(f"adapter_dir={str(adapter_dir)!r} is a file; name a folder (created if missing)")
         self.model_attr = model_attr
@@ -147,7 +148,9 @@ class LoRACallback(Callback):
             for param in module.parameters():
                 param.requires_grad_(id(param) in trainable)
         if not any(isinstance(h, _IgnoreFrozenMissing) for h in module._load_state_dict_post_hooks.values()):
-            module.register_load_state_dict_post_hook(_IgnoreFrozenMissing())
+            hook = _IgnoreFrozenMissing()
+            module._register_load_state_dict_pre_hook(hook.remember_prefix)  # public only from torch 2.5
+            module.register_load_state_dict_post_hook(hook)
         self.summary = summarize(module)
         return self.summary
 
@@ -164,6 +167,8 @@ class LoRACallback(Callback):
                 "naming layers in each, e.g. ['enc.0', 'dec.0'])"
             )
         _check_fsdp_settings(trainer.strategy)
+        if stage == "fit":
+            _check_averaging_order(trainer, self)
         if isinstance(trainer.strategy, ModelParallelStrategy):
             # It loads a full checkpoint parameter by parameter, past the post-hook that lets frozen keys be
             # missing: let it skip them; `_before_module_load` then checks the LoRA keys, before any step.
@@ -200,7 +205,8 @@ class LoRACallback(Callback):
             for folder in self._write_dirs(trainer):
                 remove_stale_temps(folder)
         for logger in trainer.loggers:
-            logger.log_hyperparams({**summary.metrics(), "lora/r": config.r, "lora/alpha": config.alpha})
+            logger.log_hyperparams({**_lightning_hparams(trainer), **summary.metrics(), "lora/r": config.r,
+                                    "lora/alpha": config.alpha})
         _warn_unexported_statistics(self._target(pl_module), config)
         if self.model_attr is None:
             _warn_wrapped_transformers_model(pl_module)
@@ -271,8 +277,13 @@ class LoRACallback(Callback):
     def _after_module_save(self, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         # Lightning skips Callback.on_save_checkpoint for weights-only saves (ModelCheckpoint(save_weights_only=
         # True), trainer.save_checkpoint(weights_only=True)); the module's hook always runs, after the callbacks'.
+        # A callback after this one may have put a whole model back (EMAWeightAveraging writes its averaged copy):
+        # cut it down again.
         if RECORD_KEY not in checkpoint:
             self.on_save_checkpoint(pl_module.trainer, pl_module, checkpoint)
+        target = self._target(pl_module)
+        checkpoint["state_dict"] = _adapter_only(pl_module, target, self.resolved_config(pl_module),
+                                                 checkpoint["state_dict"])
 
     def _before_module_load(self, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         # The module's on_load_checkpoint runs right before its load_state_dict (the callbacks' only after it),
@@ -300,7 +311,11 @@ class LoRACallback(Callback):
 
     def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule, name: str,
                 metric: tuple[str, float] | None) -> None:
-        """Write the adapter on global rank 0. Called on every rank: sharded tensors are gathered first."""
+        """Write the adapter on global rank 0. Called on every rank: sharded tensors are gathered first. Never in a
+        ``fast_dev_run``, for which Lightning writes no checkpoint or log either: a debug run must not replace a
+        trained adapter."""
+        if trainer.fast_dev_run:
+            return
         with _whole_parameters(trainer, self._target(pl_module)):
             if trainer.is_global_zero:
                 self._write_export(trainer, pl_module, name, metric)
@@ -346,14 +361,15 @@ def load_lora_checkpoint(module: nn.Module | type[pl.LightningModule], ckpt_path
                          **kwargs: Any) -> nn.Module:
     """`LightningModule.load_from_checkpoint` for LoRACallback's adapter-only checkpoints.
 
-    `module` is either a built module holding the base model (as for training), or a LightningModule class,
-    then built with ``load_from_checkpoint(ckpt_path, **kwargs)`` from its saved hyperparameters. The saved
+    `module` is either a built module holding the base model (as for training; a LightningModule's
+    `configure_model` runs first, as in ``load_from_checkpoint``), or a LightningModule class, then built with
+    ``load_from_checkpoint(ckpt_path, **kwargs)`` from its saved hyperparameters. The saved
     LoRA config is injected and the saved tensors (trainable ones, running statistics) loaded, strictly: a
     missing or extra LoRA key, another shape or another base model raises. Returns the module::
 
         model = load_lora_checkpoint(MyModule, "checkpoints/epoch=2-step=300.ckpt")
     """
-    data = Path(ckpt_path).read_bytes()  # read once: a LightningModule class is built from the same bytes
+    data = Path(ckpt_path).expanduser().read_bytes()  # read once: a LightningModule class is built from them too
     checkpoint = torch.load(_bytes_io.BytesIO(data), map_location="cpu", weights_only=True)
     record = checkpoint.get(RECORD_KEY)
     if record is None:
@@ -363,6 +379,8 @@ def load_lora_checkpoint(module: nn.Module | type[pl.LightningModule], ckpt_path
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Found keys that are")  # the LoRA keys, loaded below
             module = module.load_from_checkpoint(_bytes_io.BytesIO(data), strict=False, **kwargs)
+    elif isinstance(module, pl.LightningModule) and is_overridden("configure_model", module):
+        module.configure_model()  # the model may exist only once it ran (idempotent, as Lightning requires)
     config = {k: v for k, v in record["config"].items() if k in _CONFIG_FIELDS}
     callback = LoRACallback(LoRAConfig(**config), model_attr=record["model_attr"])
     callback.apply(module)
@@ -375,11 +393,21 @@ def load_lora_checkpoint(module: nn.Module | type[pl.LightningModule], ckpt_path
 class _IgnoreFrozenMissing:
     """``load_state_dict`` post-hook: an adapter-only state dict lacks the frozen tensors, so their names are
     dropped from ``missing_keys``; a missing trainable (LoRA) key still fails a strict load. A class, not a
-    closure, so the module stays picklable."""
+    closure, so the module stays picklable.
+
+    Loaded as part of a larger module (``outer.load_state_dict``), the module's hook sees the whole load's missing
+    keys, named from the outer module: its pre-hook half records the prefix the module is loaded under, so that
+    only this module's frozen keys are dropped, not its LoRA keys or other modules' keys."""
+
+    prefix = ""
+
+    def remember_prefix(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        self.prefix = prefix
 
     def __call__(self, module: nn.Module, incompatible: Any) -> None:
-        trainable = _trainable_names(module)
-        incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if _clean(k) in trainable]
+        trainable, prefix = _trainable_names(module), self.prefix
+        incompatible.missing_keys[:] = [k for k in incompatible.missing_keys
+                                        if not k.startswith(prefix) or _clean(k[len(prefix):]) in trainable]
 
 
 class _Chain:
@@ -466,6 +494,16 @@ def _warn_wrapped_transformers_model(pl_module: pl.LightningModule) -> None:
                        f"the export's keys start at the LightningModule and PEFT or transformers would load none)")
 
 
+def _lightning_hparams(trainer: pl.Trainer) -> dict[str, Any]:
+    """The hyperparameters Lightning logs right after `on_fit_start` (the module's and the datamodule's, as its
+    `_log_hyperparams` merges them). LoRA's figures go out together with them: TensorBoard's HParams view keeps the
+    first set a run logs, so the figures alone would hide the user's hyperparameters there."""
+    module, data = trainer.lightning_module, trainer.datamodule
+    merged = {**(module.hparams_initial if module._log_hyperparams else {}),
+              **(data.hparams_initial if data is not None and data._log_hyperparams else {})}
+    return {k: v for k, v in merged.items() if k != "_class_path"}
+
+
 def _fsdp_root(trainer: pl.Trainer) -> nn.Module | None:
     """The strategy's model when FSDP (1) shards it, else None. Its parameters are then flat 1-D shards:
     counting, reading or exporting them needs the pre-wrap summary or a gather."""
@@ -540,6 +578,22 @@ def _check_fsdp_settings(strategy: Any) -> None:
             "(Lightning-AI/pytorch-lightning#20274). Use FSDPStrategy(state_dict_type='full'): the checkpoint "
             "holds only the LoRA tensors anyway"
         )
+
+
+def _check_averaging_order(trainer: pl.Trainer, callback: LoRACallback) -> None:
+    """Lightning's WeightAveraging (EMA, SWA) copies the module in its own `setup`: listed before LoRACallback, it
+    copies the model without the adapter, and its first update fails on mismatched shapes, or its average misses
+    the LoRA weights."""
+    try:
+        from lightning.pytorch.callbacks import WeightAveraging  # Lightning >= 2.6
+    except ImportError:
+        return
+    before = trainer.callbacks[:trainer.callbacks.index(callback)]
+    early = next((cb for cb in before if isinstance(cb, WeightAveraging)), None)
+    if early is not None:
+        raise ConfigError(f"{type(early).__name__} is listed before LoRACallback in Trainer(callbacks=[...]): it "
+                          f"copies the model in its setup, before LoRA is injected, so its average would lack the "
+                          f"adapter; list LoRACallback first")
 
 
 def _check_record(record: dict[str, Any], config: LoRAConfig, base_fingerprint: str, ckpt_path: Any) -> None:

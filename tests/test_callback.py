@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import yaml
 from helpers import tiny_gpt2
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, Logger
 from lit_models import CausalLM, Classifier, token_loader, trainer_kwargs
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -208,6 +208,31 @@ def test_logged_ratio_matches_independent_count(tmp_path):
     assert hparams["lora/r"] == r and hparams["lora/alpha"] == 8.0
 
 
+class FirstHyperparameters(Logger):
+    """A logger that keeps only the first hyperparameters a run sends it, as TensorBoard's HParams view does."""
+
+    name, version = "first", 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hparams: dict | None = None
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        if self.hparams is None:
+            self.hparams = dict(params)
+
+    def log_metrics(self, metrics, step=None) -> None:
+        pass
+
+
+def test_logged_figures_do_not_hide_the_modules_hyperparameters(tmp_path):
+    """LoRA's figures went out alone, before Lightning logs the module's hyperparameters: TensorBoard then showed
+    lora/* and none of the user's (lr, ...)."""
+    logger = FirstHyperparameters()
+    fit(CausalLM(lr=0.01), tmp_path, [LoRACallback(r=4, model_attr="model")], logger=logger, max_steps=1)
+    assert logger.hparams["lr"] == 0.01 and logger.hparams["lora/r"] == 4
+
+
 def test_second_fit_and_validate_do_not_rewrap(tmp_path):
     module = CausalLM()
     callback = LoRACallback(r=4, model_attr="model")
@@ -320,6 +345,10 @@ def test_model_built_in_configure_model_and_module_stays_picklable(tmp_path):
     fit(module, tmp_path, [callback], max_steps=2)
     assert len(list(lora_layers(module))) == 2 and all_b_nonzero(module)
     assert "configure_model" not in module.__dict__  # the wrapper is undone in teardown
+    for source in (BuiltInConfigureModel, BuiltInConfigureModel()):  # an instance gets its configure_model run
+        loaded = load_lora_checkpoint(source, next((tmp_path / "checkpoints").glob("*.ckpt"))).eval()
+        with torch.no_grad():
+            assert torch.equal(loaded(BATCH), module.eval()(BATCH))
     clone = pickle.loads(pickle.dumps(module))
     state = {k: v for k, v in module.state_dict().items() if "lora_" in k}
     clone.load_state_dict(state)  # frozen keys missing: accepted; LoRA keys: strict
@@ -556,6 +585,19 @@ def test_spawned_strategy_needs_apply_before_fit(tmp_path):
     assert all_b_nonzero(module)
 
 
+def test_adapter_dir_expands_the_home_folder(tmp_path, monkeypatch):
+    """As Lightning's default_root_dir and ModelCheckpoint(dirpath) do: a YAML config's "~/adapters" made a folder
+    named "~" in the working directory."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    checkpoint = ModelCheckpoint(dirpath="~/ckpt")
+    fit(CausalLM(), tmp_path, [LoRACallback(r=2, model_attr="model", adapter_dir="~/adapters"), checkpoint],
+        max_steps=1)
+    assert (tmp_path / "home" / "adapters" / "last" / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "~").exists()
+    load_lora_checkpoint(CausalLM(), f"~/ckpt/{Path(checkpoint.best_model_path).name}")  # as load_from_checkpoint
+
+
 def test_second_callback_and_a_file_as_adapter_dir_refused(tmp_path):
     """Each LoRACallback freezes all but its own adapter: a second one silently froze the first's. And an
     adapter_dir that is a file failed only at the first export, after an epoch, losing its checkpoint."""
@@ -565,3 +607,57 @@ def test_second_callback_and_a_file_as_adapter_dir_refused(tmp_path):
     (tmp_path / "adapters").write_text("")
     with pytest.raises(ConfigError, match=r"adapter_dir='.*adapters' is a file; name a folder"):
         LoRACallback(adapter_dir=tmp_path / "adapters")
+
+
+def test_adapter_only_load_stays_strict_inside_a_larger_module():
+    """Loaded through a module that holds it (an EMA's AveragedModel, a wrapper, a container), the adapted module's
+    frozen keys may be missing, but its LoRA keys and the other modules' keys stay strict."""
+    import pickle
+
+    from lit_models import MLP
+
+    inner = MLP()
+    LoRACallback(r=2, target_modules=["fc1"]).apply(inner)
+    outer = pickle.loads(pickle.dumps(nn.Sequential(nn.Linear(4, 4), inner)))  # the hooks survive pickling
+    state = {k: v for k, v in outer.state_dict().items() if "lora_" in k or k.startswith("0.")}
+    outer.load_state_dict(state)  # "1.fc1.base_layer.weight" and the other frozen keys of `inner` missing
+    for key in ("1.fc1.lora_A.default", "0.weight"):
+        with pytest.raises(RuntimeError, match=rf'Missing key\(s\) in state_dict: "{key}"'):
+            outer.load_state_dict({k: v for k, v in state.items() if k != key})
+
+
+def test_fast_dev_run_leaves_the_exported_adapter_alone(tmp_path):
+    """Lightning's smoke test writes no checkpoint and no log; it replaced `last` with a one-step adapter."""
+    fit(CausalLM(), tmp_path, [LoRACallback(r=2, model_attr="model", adapter_dir=tmp_path / "ad")], max_steps=2)
+    exported = (tmp_path / "ad" / "last" / "adapter_model.safetensors").read_bytes()
+    module = CausalLM(seed=1)
+    fit(module, tmp_path, [LoRACallback(r=2, model_attr="model", adapter_dir=tmp_path / "ad")], fast_dev_run=True)
+    assert all_b_nonzero(module)  # it trained
+    assert (tmp_path / "ad" / "last" / "adapter_model.safetensors").read_bytes() == exported
+
+
+def test_ema_weight_averaging_checkpoints_stay_adapter_only_and_resume(tmp_path):
+    """EMAWeightAveraging, listed after LoRACallback, put its whole averaged model into every checkpoint's state
+    dict (35x the adapter). Cut down again, the checkpoint still resumes both the model and the average."""
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    def run(max_epochs, ckpt_path=None) -> tuple[L.Trainer, ModelCheckpoint]:
+        checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1)
+        callbacks = [LoRACallback(r=2, model_attr="model"), EMAWeightAveraging(decay=0.5), checkpoint]
+        return fit(CausalLM(), tmp_path, callbacks, ckpt_path=ckpt_path, max_epochs=max_epochs), checkpoint
+
+    first, checkpoint = run(1)
+    saved = torch.load(checkpoint.best_model_path, weights_only=True)
+    names = set(trainable(first.lightning_module))
+    assert set(saved["state_dict"]) == set(saved["current_model_state"]) == names
+    resumed, _ = run(2, ckpt_path=checkpoint.best_model_path)
+    assert resumed.global_step == 8
+
+
+def test_weight_averaging_listed_before_lora_is_refused(tmp_path):
+    """Listed first, it copied the model before injection and failed in torch on mismatched shapes."""
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    with pytest.raises(ConfigError, match=r"EMAWeightAveraging is listed before LoRACallback .* list LoRACallback "
+                                          r"first"):
+        fit(CausalLM(), tmp_path, [EMAWeightAveraging(), LoRACallback(r=2, model_attr="model")], max_steps=1)
