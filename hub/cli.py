@@ -16,6 +16,7 @@ from typing import Annotated, TypeVar
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from lightning_lora.analysis import compare_subspaces, plot_similarity
 from lightning_lora.combine import METHODS
@@ -28,8 +29,10 @@ from .errors import HubError
 
 app = typer.Typer(name="lora-hub", help="Version, share and merge LoRA adapters through a Hugging Face-compatible "
                   "hub.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-console = Console(highlight=False, soft_wrap=True)
-_status = Console(stderr=True)
+# No markup: what is printed holds the user's own text (paths, repo ids, commit messages), in which rich would
+# read "[...]" as a style tag, dropping it or failing on an unmatched "[/]".
+console = Console(highlight=False, soft_wrap=True, markup=False)
+_status = Console(stderr=True, markup=False)
 
 Endpoint = Annotated[str | None, typer.Option(
     "--endpoint", envvar="HF_ENDPOINT", show_envvar=True,
@@ -255,7 +258,7 @@ def _transfer(text: str) -> Iterator[None]:
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        with _status.status(text):
+        with _status.status(Text(text)):  # a str would be read as markup whatever the console says
             yield
     finally:
         hf_logging.set_verbosity(verbosity)
