@@ -1,7 +1,8 @@
 """``lora-hub``: the typer app over `hub.api`. Argument parsing and rich output only; the verbs live in api.
 
 Every command is registered with `command`, which turns any failure into one line on stderr and a non-zero
-exit code (never a traceback). A new verb is a function here decorated with ``@command()``.
+exit code (never a traceback); the app's group (`_Group`) does the same for Click's usage errors. A new verb
+is a function here decorated with ``@command()``.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, TypeVar
@@ -27,8 +29,33 @@ from lightning_lora.io import AdapterError
 from . import api
 from .errors import HubError
 
+#: Click's exceptions, from the click typer runs on (recent typers carry their own copy: not `import click`).
+_click_errors = sys.modules[typer.BadParameter.__module__]
+
+
+class _Group(typer.core.TyperGroup):
+    """The app's group: Click's usage errors (a missing argument, an unknown option or command, a value of the
+    wrong type) end in one line too, naming the help to read, instead of the usage, a hint and a rich box."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)  # an Exit's code; None when a verb returns
+        except _click_errors.UsageError as err:
+            if type(err).__name__ == "NoArgsIsHelpError":  # bare `lora-hub`: the help is printed already
+                sys.exit(err.exit_code)
+            where = err.ctx.command_path if err.ctx else "lora-hub"
+            code = _say_error(f"{err.format_message().rstrip('.')}; see `{where} --help`", err.exit_code)
+        except _click_errors.ClickException as err:
+            code = _say_error(err.format_message(), err.exit_code)
+        except typer.Abort:
+            code = _say_error("aborted", 1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(name="lora-hub", help="Version, share and merge LoRA adapters through a Hugging Face-compatible "
-                  "hub.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+                  "hub.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, cls=_Group)
 # No markup: what is printed holds the user's own text (paths, repo ids, commit messages), in which rich would
 # read "[...]" as a style tag, dropping it or failing on an unmatched "[/]".
 console = Console(highlight=False, soft_wrap=True, markup=False)
@@ -42,8 +69,13 @@ F = TypeVar("F", bound=Callable)
 
 def fail(message: str, code: int = 1) -> None:
     """Print `message` as one line on stderr and exit with `code`."""
+    raise typer.Exit(_say_error(message, code))
+
+
+def _say_error(message: str, code: int) -> int:
+    """Print `message` as one line on stderr; returns `code`."""
     typer.echo("error: " + " ".join(str(message).split()), err=True)
-    raise typer.Exit(code)
+    return code
 
 
 def command(*args, **kwargs) -> Callable[[F], F]:

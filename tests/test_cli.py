@@ -176,3 +176,14 @@ def test_user_text_is_printed_verbatim(hub_server, tmp_path):
     target = tmp_path / "exp[lr=1e-4]" / "[red]out"
     assert run("pull", repo, "--to", target).stdout.strip() == str(target)
     one_line_error(run("pull", f"{repo}@[/]1", code=2), r"'\[/\]1' is not a version or range")
+
+
+@pytest.mark.parametrize(("args", "pattern"), [
+    (["push"], r"^error: Missing argument 'adapter_dir'; see `lora-hub push --help`$"),
+    (["frob"], r"^error: No such command 'frob'; see `lora-hub --help`$"),
+    (["pull", "me/a", "--too", "x"], r"^error: No such option: --too \(Possible options: --to\); see `lora-hub pull --help`$"),
+    (["serve", "--port", "abc"], r"^error: Invalid value for '--port': .*; see `lora-hub serve --help`$"),
+])
+def test_usage_errors_are_one_line(args, pattern):
+    """Click's own errors (before a verb runs) end like the verbs' errors: one line, exit code 2."""
+    one_line_error(run(*args, code=2), pattern)
