@@ -450,7 +450,8 @@ def _map_error(err: Exception, where: str, repo_id: str) -> HubError | None:
     if isinstance(err, hf_errors.RevisionNotFoundError):
         return VersionNotFound(f"{repo_id}: revision not found on {where}: {_hf_message(err)}")
     if isinstance(err, hf_errors.OfflineModeIsEnabled):
-        return Unreachable(f"offline mode (HF_HUB_OFFLINE=1) and {repo_id} is not in the local cache")
+        return Unreachable(f"offline mode (HF_HUB_OFFLINE=1): {where} cannot be asked about {repo_id}; unset "
+                           f"HF_HUB_OFFLINE (offline, only versions pulled before can be pulled)")
     if isinstance(err, hf_errors.LocalEntryNotFoundError):
         return Unreachable(f"{repo_id}: {_one_line(str(err))}")
     if isinstance(err, hf_errors.HfHubHTTPError):

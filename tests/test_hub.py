@@ -202,6 +202,16 @@ def test_pull_offline_from_cache_and_verifies_hashes(hub_server, two_versions, t
         hub.pull(f"{repo_id}@^1.0", endpoint=dead)
 
 
+def test_offline_verbs_that_need_the_hub_say_so(hub_server, tmp_path, repo_id, monkeypatch):
+    """Offline, versions and push cannot work whatever the cache holds: the error says to go online."""
+    saved_adapter(tmp_path / "adapter")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    for verb in (lambda: hub.versions(repo_id), lambda: hub.push(tmp_path / "adapter", repo_id)):
+        with pytest.raises(hub.Unreachable, match=rf"^offline mode \(HF_HUB_OFFLINE=1\): {hub_server.url} cannot be "
+                                                  rf"asked about {repo_id}; unset HF_HUB_OFFLINE"):
+            verb()
+
+
 def test_lfs_upload_path_verifies_sha256(tmp_path, repo_id, monkeypatch):
     """With Xet disabled and the server asking for LFS, the weights travel through the LFS batch API and the
     pull checks them against the hub's sha256."""
