@@ -394,7 +394,10 @@ def _local_or_pulled(dir_or_spec: str | os.PathLike, endpoint, token, cache_dir)
 
 def _not_a_folder(value: str | os.PathLike, check: Callable[[str], object]) -> str:
     """`value`, which names no folder, as a string once `check` (`parse_spec` or `check_repo_id`) accepts it;
-    if it does not, the error says both: a mistyped path should not read as only a malformed repo id."""
+    if it does not, the error says both: a mistyped path should not read as only a malformed repo id. A file's
+    path (``out/adapter_model.safetensors``) is refused as such, not looked up as a repo."""
+    if Path(value).exists():
+        raise BadSpec(f"{str(value)!r} is a file, not a folder: give the folder that holds it")
     try:
         check(str(value))
     except BadSpec as err:

@@ -187,3 +187,15 @@ def test_user_text_is_printed_verbatim(hub_server, tmp_path):
 def test_usage_errors_are_one_line(args, pattern):
     """Click's own errors (before a verb runs) end like the verbs' errors: one line, exit code 2."""
     one_line_error(run(*args, code=2), pattern)
+
+
+def test_a_file_given_for_a_folder_is_named(hub_server, tmp_path, monkeypatch):
+    """`out/adapter_model.safetensors` reads like a repo id: it is refused as a file, not looked up on the hub."""
+    saved_adapter(tmp_path / "adapter")
+    tiny_gpt2().save_pretrained(tmp_path / "base")
+    monkeypatch.chdir(tmp_path)
+    for args in (["info", "adapter/adapter_model.safetensors"],
+                 ["merge", "adapter", "--base", "base/model.safetensors", "--out", "merged"]):
+        file = args[-1] if args[0] == "info" else args[3]
+        one_line_error(run(*args, code=2), rf"^error: '{file}' is a file, not a folder: give the folder that holds it$")
+    assert not (tmp_path / "merged").exists()
