@@ -470,6 +470,9 @@ def _map_error(err: Exception, where: str, repo_id: str) -> HubError | None:
         return HubError(f"{where} answered HTTP {status} for {repo_id}: {_hf_message(err)}")
     if isinstance(err, ConnectionError) and _XET_HTTP_ERROR.search(str(err)):
         return HubError(f"the Xet transfer for {repo_id} got an HTTP error answer: {_one_line(str(err))}")
+    if isinstance(err, httpx2.UnsupportedProtocol):  # HF_ENDPOINT=127.0.0.1:8000: nothing was even tried
+        return Unreachable(f"the endpoint {where!r} is not an http:// or https:// URL: set --endpoint or HF_ENDPOINT "
+                           f"to one, e.g. http://127.0.0.1:8000")
     if isinstance(err, (httpx2.TransportError, ConnectionError)):
         return Unreachable(f"cannot reach {where} ({type(err).__name__}); is `lora-hub serve` running? set "
                            f"--endpoint or HF_ENDPOINT")

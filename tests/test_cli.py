@@ -76,6 +76,8 @@ def test_error_paths(hub_server, published, tmp_path):
         "not an adapter": (["info", tmp_path / "empty"], r"invalid adapter: ", 1),
         "unreachable": (["versions", repo, "--endpoint", "http://127.0.0.1:9"],
                         r"cannot reach http://127\.0\.0\.1:9 .* set --endpoint or HF_ENDPOINT", 1),
+        "endpoint without a scheme": (["pull", repo, "--endpoint", "127.0.0.1:9"],
+                                      r"the endpoint '127\.0\.0\.1:9' is not an http:// or https:// URL", 1),
         "bad spec": (["pull", f"{repo}@^1.x"], r"'\^1\.x' is not a version or range", 2),
         "bad repo id": (["versions", "../etc"], r"'\.\./etc' is not a repo id", 2),
         "repo id ending in .git": (["pull", "me/adapter.git@1.0.0"], r"'me/adapter\.git' is not a repo id", 2),
