@@ -201,3 +201,11 @@ def test_a_file_given_for_a_folder_is_named(hub_server, tmp_path, monkeypatch):
         file = args[-1] if args[0] == "info" else args[3]
         one_line_error(run(*args, code=2), rf"^error: '{file}' is a file, not a folder: give the folder that holds it$")
     assert not (tmp_path / "merged").exists()
+
+
+def test_compare_adapters_of_different_bases_is_labelled(tmp_path):
+    saved_adapter(tmp_path / "narrow")
+    saved_adapter(tmp_path / "wide", n_embd=48)
+    result = run("compare", tmp_path / "narrow", tmp_path / "wide", code=1)
+    one_line_error(result, r"^error: invalid adapter: layer 'transformer\.h\.0\.attn\.c_attn' has inputs of shape "
+                           r"\[32\] in the first adapter and \[48\] in the second: they were trained on different base")
