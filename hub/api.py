@@ -37,6 +37,7 @@ from lightning_lora.io import (
     AdapterInfo,
     adapter_file,
     atomic_write,
+    read_tensors,
     validate_adapter,
 )
 
@@ -407,8 +408,12 @@ def _not_a_folder(value: str | os.PathLike, check: Callable[[str], object]) -> s
 
 # -- errors ------------------------------------------------------------------------------------------------
 def _validate(directory: str | os.PathLike) -> AdapterInfo:
+    """`validate_adapter`, and every value finite: it reads only the header, and a diverged (NaN / Inf) adapter
+    must not become a version that every load refuses."""
     try:
-        return validate_adapter(directory)
+        info = validate_adapter(directory)
+        read_tensors(directory)
+        return info
     except AdapterError as err:
         raise InvalidAdapter(f"invalid adapter: {_one_line(str(err))}") from None
     except OSError as err:

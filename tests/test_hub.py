@@ -183,6 +183,21 @@ def test_invalid_adapter_is_refused_before_sending(hub_server, tmp_path, repo_id
     assert not HfApi(endpoint=hub_server.url).repo_exists(repo_id)
 
 
+def test_diverged_adapter_is_refused_before_sending(hub_server, tmp_path, repo_id):
+    """validate_adapter reads only the header: push also reads the values, so a NaN adapter (a diverged run),
+    which every load refuses, never becomes a version."""
+    from safetensors.torch import load_file, save_file
+
+    saved_adapter(tmp_path / "nan")
+    weights = tmp_path / "nan" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    next(t for k, t in tensors.items() if "lora_B" in k)[0, 0] = float("nan")
+    save_file(tensors, weights)
+    with pytest.raises(hub.InvalidAdapter, match=r"lora_B\.weight holds NaN or Inf values"):
+        hub.push(tmp_path / "nan", repo_id, endpoint=hub_server.url)
+    assert not HfApi(endpoint=hub_server.url).repo_exists(repo_id)
+
+
 def test_pull_offline_from_cache_and_verifies_hashes(hub_server, two_versions, tmp_path, repo_id, monkeypatch):
     online = hub.pull(f"{repo_id}@^1.0", endpoint=hub_server.url)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
