@@ -271,6 +271,11 @@ def serve(
         server = start(root, host=host, port=port, token=token, log=True)
     except ValueError as err:  # an empty --token
         raise HubError(f"--token: {err}") from None
+    except OSError as err:
+        if err.filename is not None:  # the root folder's
+            raise
+        raise HubError(f"cannot listen on {host}:{port}: {err.strerror or err}; choose another --port (0: any free "
+                       f"one) or --host") from None
     console.print(f"lora-hub serving {root} at {server.url}  (export HF_ENDPOINT={server.url})"
                   + ("; writes need the token" if token else ""))
     try:

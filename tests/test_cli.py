@@ -209,3 +209,13 @@ def test_compare_adapters_of_different_bases_is_labelled(tmp_path):
     result = run("compare", tmp_path / "narrow", tmp_path / "wide", code=1)
     one_line_error(result, r"^error: invalid adapter: layer 'transformer\.h\.0\.attn\.c_attn' has inputs of shape "
                            r"\[32\] in the first adapter and \[48\] in the second: they were trained on different base")
+
+
+def test_serve_on_a_port_in_use_says_so(tmp_path):
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = run("serve", "--root", tmp_path / "root", "--port", port, code=1)
+    one_line_error(result, rf"^error: cannot listen on 127\.0\.0\.1:{port}: Address already in use; choose another "
+                           r"--port \(0: any free one\) or --host$")
