@@ -28,6 +28,7 @@ from lightning_lora.io import AdapterError
 
 from . import api
 from .errors import HubError
+from .merging import check_out_dir
 
 #: Click's exceptions, from the click typer runs on (recent typers carry their own copy: not `import click`).
 _click_errors = sys.modules[typer.BadParameter.__module__]
@@ -152,7 +153,7 @@ def versions(repo_id: Annotated[str, typer.Argument(help="namespace/name on the 
 def merge(
     spec: Annotated[str, typer.Argument(help="An adapter folder or a spec like user/repo@^1.2.")],
     base: Annotated[str, typer.Option("--base", help="The base model: a folder or a repo id on the endpoint.")],
-    out: Annotated[Path, typer.Option("--out", help="Folder for the merged model (must not exist).")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the merged model (new or empty).")],
     dtype: Annotated[str | None, typer.Option(help="float32, float16 or bfloat16 (default: the base's).")] = None,
     push_to: Annotated[str | None, typer.Option("--push-to", help="Also upload the merged model here.")] = None,
     endpoint: Endpoint = None,
@@ -191,7 +192,7 @@ def info(
 @command()
 def combine(
     adapters: Annotated[list[str], typer.Argument(help="Adapter folders or specs like user/repo@^1.2, same base.")],
-    out: Annotated[Path, typer.Option("--out", help="Folder for the combined adapter (PEFT format).")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the combined adapter, PEFT format (new or empty).")],
     weights: Annotated[list[float] | None, typer.Option(
         "--weights", help="One per adapter: --weights 0.7 0.3 (a negative one as --weights=-0.3). Default: equal, "
         "summing to 1.")] = None,
@@ -202,8 +203,7 @@ def combine(
 ) -> None:
     """Build one adapter from several trained on the same base."""
     adapters, weights = _adapters_and_weights(adapters, weights)
-    if out.exists() and any(out.iterdir()):
-        raise HubError(f"{out} already exists and is not empty; choose another --out or delete it")
+    check_out_dir(out)
     with _transfer(f"reading {len(adapters)} adapters"):
         inputs = [api.info(a, endpoint=endpoint) for a in adapters]
     result = combine_adapters(inputs, weights or [1 / len(inputs)] * len(inputs), method=method, r=r)

@@ -29,8 +29,7 @@ def merge_into(adapter_dir: Path, info: AdapterInfo, base_dir: Path, out_dir: Pa
     """Merge and save; returns (out_dir, max output difference, saved dtype name)."""
     import torch
 
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise HubError(f"{out_dir} already exists and is not empty; choose another --out or delete it")
+    check_out_dir(out_dir)
     target = _dtype(dtype)
     model, config = _load_base(base_dir, info)
     if target is None:
@@ -64,6 +63,13 @@ def merge_into(adapter_dir: Path, info: AdapterInfo, base_dir: Path, out_dir: Pa
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir, max_diff, str(target).removeprefix("torch.")
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """HubError unless `out_dir` is new or an empty folder: what a verb writes never mixes with other files."""
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        what = "is not empty" if out_dir.is_dir() else "is a file"
+        raise HubError(f"{out_dir} already exists and {what}; choose another --out or delete it")
 
 
 def _load_base(base_dir: Path, info: AdapterInfo):

@@ -219,3 +219,13 @@ def test_serve_on_a_port_in_use_says_so(tmp_path):
         result = run("serve", "--root", tmp_path / "root", "--port", port, code=1)
     one_line_error(result, rf"^error: cannot listen on 127\.0\.0\.1:{port}: Address already in use; choose another "
                            r"--port \(0: any free one\) or --host$")
+
+
+def test_out_that_is_a_file_is_refused(tmp_path):
+    saved_adapter(tmp_path / "adapter")
+    tiny_gpt2().save_pretrained(tmp_path / "base")
+    (tmp_path / "taken").write_text("mine")
+    for args in (["merge", tmp_path / "adapter", "--base", tmp_path / "base"], ["combine", tmp_path / "adapter"]):
+        result = run(*args, "--out", tmp_path / "taken", code=1)
+        one_line_error(result, r"taken already exists and is a file; choose another --out or delete it$")
+    assert (tmp_path / "taken").read_text() == "mine"
