@@ -108,6 +108,7 @@ def push(
     token: str | None = None,
 ) -> PushResult:
     """Publish the adapter in `adapter_dir` as `version` of `repo_id` (default: the latest patch + 1, or 1.0.0).
+    `private` applies when the push creates the repo; an existing repo keeps its visibility.
 
     Raises InvalidAdapter before anything is sent, VersionExists (nothing changed) if the version is taken,
     PushIncomplete if the commit landed but the tag did not (pushing again finishes it).

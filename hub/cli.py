@@ -112,7 +112,7 @@ def push(
     repo_id: Annotated[str, typer.Argument(help="namespace/name on the hub.")],
     version: Annotated[str | None, typer.Option(help="MAJOR.MINOR.PATCH; default: the latest patch + 1.")] = None,
     message: Annotated[str | None, typer.Option("--message", "-m", help="What changed.")] = None,
-    public: Annotated[bool, typer.Option("--public", help="Create the repo public (default private).")] = False,
+    public: Annotated[bool, typer.Option("--public", help="Create the repo public (default private); an existing repo keeps its visibility.")] = False,
     endpoint: Endpoint = None,
 ) -> None:
     """Validate an adapter, commit it with its model card, and tag it as a new version."""
