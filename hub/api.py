@@ -463,6 +463,9 @@ def _map_error(err: Exception, where: str, repo_id: str) -> HubError | None:
                            f"HF_HUB_OFFLINE (offline, only versions pulled before can be pulled)")
     if isinstance(err, hf_errors.LocalEntryNotFoundError):
         return Unreachable(f"{repo_id}: {_one_line(str(err))}")
+    if isinstance(err, UnicodeEncodeError) and str(err.object).startswith("Bearer "):  # headers are ASCII
+        return AuthError(f"the token for {where} (HF_TOKEN or `hf auth login`) holds a character that is not ASCII "
+                         f"(pasted with an invisible one?): set it again")
     if isinstance(err, hf_errors.HfHubHTTPError):
         status = _status(err)
         if status in (401, 403):

@@ -103,6 +103,12 @@ def test_auth_failure_is_one_line_without_the_token(hub_token, tmp_path):
     assert result.exit_code == 1
     one_line_error(result, r"refused the token for me/private \(HTTP 401\): set HF_TOKEN")
     assert wrong not in result.output + result.stderr and HUB_TOKEN not in result.output + result.stderr
+    pasted = "\u200b" + HUB_TOKEN  # a zero-width space copied with it: the client cannot even send it
+    result = CliRunner().invoke(app, ["versions", "me/private"], env={"HF_TOKEN": pasted})
+    assert result.exit_code == 1
+    one_line_error(result, r"the token for http://127\.0\.0\.1:\d+ \(HF_TOKEN or `hf auth login`\) holds a character "
+                           r"that is not ASCII \(pasted with an invisible one\?\): set it again$")
+    assert HUB_TOKEN not in result.output + result.stderr
 
 
 def test_real_executable_error(hub_server):
