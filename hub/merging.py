@@ -77,6 +77,7 @@ def _load_base(base_dir: Path, info: AdapterInfo):
     config; HubError naming the folder otherwise."""
     import torch
     import transformers
+    from safetensors import SafetensorError
 
     try:
         config = transformers.AutoConfig.from_pretrained(base_dir)
@@ -85,7 +86,7 @@ def _load_base(base_dir: Path, info: AdapterInfo):
         trained_on = AUTO_CLASS.get(info.config.task_type or "") or info.metadata.get(META + "architecture")
         cls = getattr(transformers, trained_on or arch or "", None) or transformers.AutoModel
         model = cls.from_pretrained(base_dir, dtype=torch.float32, use_safetensors=True).eval()
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, SafetensorError) as err:  # SafetensorError: a truncated or corrupt weights file
         if not any(base_dir.glob("*.safetensors")) and any(base_dir.glob("*.bin")):
             raise HubError(f"the base model in {base_dir} has only pickle weights (*.bin), which lora-hub never "
                            f"loads: convert it to safetensors (load it where you trust it and save_pretrained it again)"

@@ -366,6 +366,11 @@ def test_merge_failures_are_hub_errors(tmp_path):
         hub.merge(tmp_path / "adapter", tmp_path / "pickled", tmp_path / "m2")
     with pytest.raises(hub.HubError, match="cannot load the base model"):
         hub.merge(tmp_path / "adapter", tmp_path / "adapter", tmp_path / "m3")
+    tiny_gpt2().save_pretrained(tmp_path / "truncated")  # an interrupted copy of the base
+    with open(tmp_path / "truncated" / "model.safetensors", "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(hub.HubError, match=r"^cannot load the base model from .*truncated: .*header"):
+        hub.merge(tmp_path / "adapter", tmp_path / "truncated", tmp_path / "m3")
 
     tiny_gpt2().save_pretrained(tmp_path / "base")  # GPT-2 ties lm_head to wte: folding into it would change both
     saved_adapter(tmp_path / "head-adapter", targets=("lm_head",))
