@@ -38,6 +38,7 @@ from lightning_lora.io import (
     AdapterInfo,
     adapter_file,
     atomic_write,
+    read_tensors,
     validate_adapter,
 )
 
@@ -108,6 +109,7 @@ def push(
     token: str | None = None,
 ) -> PushResult:
     """Publish the adapter in `adapter_dir` as `version` of `repo_id` (default: the latest patch + 1, or 1.0.0).
+    `private` applies when the push creates the repo; an existing repo keeps its visibility.
 
     Raises InvalidAdapter before anything is sent, VersionExists (nothing changed) if the version is taken,
     PushIncomplete if the commit landed but the tag did not (pushing again finishes it).
@@ -405,7 +407,10 @@ def _local_or_pulled(dir_or_spec: str | os.PathLike, endpoint, token, cache_dir)
 
 def _not_a_folder(value: str | os.PathLike, check: Callable[[str], object]) -> str:
     """`value`, which names no folder, as a string once `check` (`parse_spec` or `check_repo_id`) accepts it;
-    if it does not, the error says both: a mistyped path should not read as only a malformed repo id."""
+    if it does not, the error says both: a mistyped path should not read as only a malformed repo id. A file's
+    path (``out/adapter_model.safetensors``) is refused as such, not looked up as a repo."""
+    if Path(value).exists():
+        raise BadSpec(f"{str(value)!r} is a file, not a folder: give the folder that holds it")
     try:
         check(str(value))
     except BadSpec as err:
@@ -415,8 +420,12 @@ def _not_a_folder(value: str | os.PathLike, check: Callable[[str], object]) -> s
 
 # -- errors ------------------------------------------------------------------------------------------------
 def _validate(directory: str | os.PathLike) -> AdapterInfo:
+    """`validate_adapter`, and every value finite: it reads only the header, and a diverged (NaN / Inf) adapter
+    must not become a version that every load refuses."""
     try:
-        return validate_adapter(directory)
+        info = validate_adapter(directory)
+        read_tensors(directory)
+        return info
     except AdapterError as err:
         raise InvalidAdapter(f"invalid adapter: {_one_line(str(err))}") from None
     except OSError as err:
@@ -461,9 +470,13 @@ def _map_error(err: Exception, where: str, repo_id: str) -> HubError | None:
     if isinstance(err, hf_errors.RevisionNotFoundError):
         return VersionNotFound(f"{repo_id}: revision not found on {where}: {_hf_message(err)}")
     if isinstance(err, hf_errors.OfflineModeIsEnabled):
-        return Unreachable(f"offline mode (HF_HUB_OFFLINE=1) and {repo_id} is not in the local cache")
+        return Unreachable(f"offline mode (HF_HUB_OFFLINE=1): {where} cannot be asked about {repo_id}; unset "
+                           f"HF_HUB_OFFLINE (offline, only versions pulled before can be pulled)")
     if isinstance(err, hf_errors.LocalEntryNotFoundError):
         return Unreachable(f"{repo_id}: {_one_line(str(err))}")
+    if isinstance(err, UnicodeEncodeError) and str(err.object).startswith("Bearer "):  # headers are ASCII
+        return AuthError(f"the token for {where} (HF_TOKEN or `hf auth login`) holds a character that is not ASCII "
+                         f"(pasted with an invisible one?): set it again")
     if isinstance(err, hf_errors.HfHubHTTPError):
         status = _status(err)
         if status in (401, 403):
@@ -477,6 +490,9 @@ def _map_error(err: Exception, where: str, repo_id: str) -> HubError | None:
         return HubError(f"{where} answered HTTP {status} for {repo_id}: {_hf_message(err)}")
     if isinstance(err, ConnectionError) and _XET_HTTP_ERROR.search(str(err)):
         return HubError(f"the Xet transfer for {repo_id} got an HTTP error answer: {_one_line(str(err))}")
+    if isinstance(err, httpx2.UnsupportedProtocol):  # HF_ENDPOINT=127.0.0.1:8000: nothing was even tried
+        return Unreachable(f"the endpoint {where!r} is not an http:// or https:// URL: set --endpoint or HF_ENDPOINT "
+                           f"to one, e.g. http://127.0.0.1:8000")
     if isinstance(err, (httpx2.TransportError, ConnectionError)):
         return Unreachable(f"cannot reach {where} ({type(err).__name__}); is `lora-hub serve` running? set "
                            f"--endpoint or HF_ENDPOINT")

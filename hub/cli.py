@@ -1,7 +1,8 @@
 """``lora-hub``: the typer app over `hub.api`. Argument parsing and rich output only; the verbs live in api.
 
 Every command is registered with `command`, which turns any failure into one line on stderr and a non-zero
-exit code (never a traceback). A new verb is a function here decorated with ``@command()``.
+exit code (never a traceback); the app's group (`_Group`) does the same for Click's usage errors. A new verb
+is a function here decorated with ``@command()``.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, TypeVar
@@ -16,6 +18,7 @@ from typing import Annotated, TypeVar
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from lightning_lora.analysis import compare_subspaces, plot_similarity
 from lightning_lora.combine import METHODS
@@ -25,11 +28,39 @@ from lightning_lora.io import AdapterError
 
 from . import api
 from .errors import HubError
+from .merging import check_out_dir
+
+#: Click's exceptions, from the click typer runs on (recent typers carry their own copy: not `import click`).
+_click_errors = sys.modules[typer.BadParameter.__module__]
+
+
+class _Group(typer.core.TyperGroup):
+    """The app's group: Click's usage errors (a missing argument, an unknown option or command, a value of the
+    wrong type) end in one line too, naming the help to read, instead of the usage, a hint and a rich box."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)  # an Exit's code; None when a verb returns
+        except _click_errors.UsageError as err:
+            if type(err).__name__ == "NoArgsIsHelpError":  # bare `lora-hub`: the help is printed already
+                sys.exit(err.exit_code)
+            where = err.ctx.command_path if err.ctx else "lora-hub"
+            code = _say_error(f"{err.format_message().rstrip('.')}; see `{where} --help`", err.exit_code)
+        except _click_errors.ClickException as err:
+            code = _say_error(err.format_message(), err.exit_code)
+        except typer.Abort:
+            code = _say_error("aborted", 1)
+        sys.exit(code if isinstance(code, int) else 0)
+
 
 app = typer.Typer(name="lora-hub", help="Version, share and merge LoRA adapters through a Hugging Face-compatible "
-                  "hub.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-console = Console(highlight=False, soft_wrap=True)
-_status = Console(stderr=True)
+                  "hub.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, cls=_Group)
+# No markup: what is printed holds the user's own text (paths, repo ids, commit messages), in which rich would
+# read "[...]" as a style tag, dropping it or failing on an unmatched "[/]".
+console = Console(highlight=False, soft_wrap=True, markup=False)
+_status = Console(stderr=True, markup=False)
 
 Endpoint = Annotated[str | None, typer.Option(
     "--endpoint", envvar="HF_ENDPOINT", show_envvar=True,
@@ -39,8 +70,13 @@ F = TypeVar("F", bound=Callable)
 
 def fail(message: str, code: int = 1) -> None:
     """Print `message` as one line on stderr and exit with `code`."""
+    raise typer.Exit(_say_error(message, code))
+
+
+def _say_error(message: str, code: int) -> int:
+    """Print `message` as one line on stderr; returns `code`."""
     typer.echo("error: " + " ".join(str(message).split()), err=True)
-    raise typer.Exit(code)
+    return code
 
 
 def command(*args, **kwargs) -> Callable[[F], F]:
@@ -76,7 +112,7 @@ def push(
     repo_id: Annotated[str, typer.Argument(help="namespace/name on the hub.")],
     version: Annotated[str | None, typer.Option(help="MAJOR.MINOR.PATCH; default: the latest patch + 1.")] = None,
     message: Annotated[str | None, typer.Option("--message", "-m", help="What changed.")] = None,
-    public: Annotated[bool, typer.Option("--public", help="Create the repo public (default private).")] = False,
+    public: Annotated[bool, typer.Option("--public", help="Create the repo public (default private); an existing repo keeps its visibility.")] = False,
     endpoint: Endpoint = None,
 ) -> None:
     """Validate an adapter, commit it with its model card, and tag it as a new version."""
@@ -117,7 +153,7 @@ def versions(repo_id: Annotated[str, typer.Argument(help="namespace/name on the 
 def merge(
     spec: Annotated[str, typer.Argument(help="An adapter folder or a spec like user/repo@^1.2.")],
     base: Annotated[str, typer.Option("--base", help="The base model: a folder or a repo id on the endpoint.")],
-    out: Annotated[Path, typer.Option("--out", help="Folder for the merged model (must not exist).")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the merged model (new or empty).")],
     dtype: Annotated[str | None, typer.Option(help="float32, float16 or bfloat16 (default: the base's).")] = None,
     push_to: Annotated[str | None, typer.Option("--push-to", help="Also upload the merged model here.")] = None,
     endpoint: Endpoint = None,
@@ -156,7 +192,7 @@ def info(
 @command()
 def combine(
     adapters: Annotated[list[str], typer.Argument(help="Adapter folders or specs like user/repo@^1.2, same base.")],
-    out: Annotated[Path, typer.Option("--out", help="Folder for the combined adapter (PEFT format).")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the combined adapter, PEFT format (new or empty).")],
     weights: Annotated[list[float] | None, typer.Option(
         "--weights", help="One per adapter: --weights 0.7 0.3 (a negative one as --weights=-0.3). Default: equal, "
         "summing to 1.")] = None,
@@ -167,8 +203,7 @@ def combine(
 ) -> None:
     """Build one adapter from several trained on the same base."""
     adapters, weights = _adapters_and_weights(adapters, weights)
-    if out.exists() and any(out.iterdir()):
-        raise HubError(f"{out} already exists and is not empty; choose another --out or delete it")
+    check_out_dir(out)
     with _transfer(f"reading {len(adapters)} adapters"):
         inputs = [api.info(a, endpoint=endpoint) for a in adapters]
     result = combine_adapters(inputs, weights or [1 / len(inputs)] * len(inputs), method=method, r=r)
@@ -236,6 +271,11 @@ def serve(
         server = start(root, host=host, port=port, token=token, log=True)
     except ValueError as err:  # an empty --token
         raise HubError(f"--token: {err}") from None
+    except OSError as err:
+        if err.filename is not None:  # the root folder's
+            raise
+        raise HubError(f"cannot listen on {host}:{port}: {err.strerror or err}; choose another --port (0: any free "
+                       f"one) or --host") from None
     console.print(f"lora-hub serving {root} at {server.url}  (export HF_ENDPOINT={server.url})"
                   + ("; writes need the token" if token else ""))
     try:
@@ -255,7 +295,7 @@ def _transfer(text: str) -> Iterator[None]:
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        with _status.status(text):
+        with _status.status(Text(text)):  # a str would be read as markup whatever the console says
             yield
     finally:
         hf_logging.set_verbosity(verbosity)

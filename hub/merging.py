@@ -29,8 +29,7 @@ def merge_into(adapter_dir: Path, info: AdapterInfo, base_dir: Path, out_dir: Pa
     """Merge and save; returns (out_dir, max output difference, saved dtype name)."""
     import torch
 
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise HubError(f"{out_dir} already exists and is not empty; choose another --out or delete it")
+    check_out_dir(out_dir)
     target = _dtype(dtype)
     model, config = _load_base(base_dir, info)
     if target is None:
@@ -66,11 +65,19 @@ def merge_into(adapter_dir: Path, info: AdapterInfo, base_dir: Path, out_dir: Pa
     return out_dir, max_diff, str(target).removeprefix("torch.")
 
 
+def check_out_dir(out_dir: Path) -> None:
+    """HubError unless `out_dir` is new or an empty folder: what a verb writes never mixes with other files."""
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        what = "is not empty" if out_dir.is_dir() else "is a file"
+        raise HubError(f"{out_dir} already exists and {what}; choose another --out or delete it")
+
+
 def _load_base(base_dir: Path, info: AdapterInfo):
     """The base model in float32 (safetensors weights only: a pickle checkpoint is never unpickled) and its
     config; HubError naming the folder otherwise."""
     import torch
     import transformers
+    from safetensors import SafetensorError
 
     try:
         config = transformers.AutoConfig.from_pretrained(base_dir)
@@ -79,7 +86,7 @@ def _load_base(base_dir: Path, info: AdapterInfo):
         trained_on = AUTO_CLASS.get(info.config.task_type or "") or info.metadata.get(META + "architecture")
         cls = getattr(transformers, trained_on or arch or "", None) or transformers.AutoModel
         model = cls.from_pretrained(base_dir, dtype=torch.float32, use_safetensors=True).eval()
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, SafetensorError) as err:  # SafetensorError: a truncated or corrupt weights file
         if not any(base_dir.glob("*.safetensors")) and any(base_dir.glob("*.bin")):
             raise HubError(f"the base model in {base_dir} has only pickle weights (*.bin), which lora-hub never "
                            f"loads: convert it to safetensors (load it where you trust it and save_pretrained it again)"

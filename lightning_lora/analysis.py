@@ -72,11 +72,17 @@ def subspace_similarity(a1: torch.Tensor, a2: torch.Tensor, i: int, j: int) -> f
 
 def compare_subspaces(adapter1: AdapterLike, adapter2: AdapterLike) -> list[LayerSimilarity]:
     """phi grids, per layer, between the A factors of two adapters (folders or `AdapterState`) over the
-    layers both adapt, in the first adapter's order. Raises AdapterError if they share no layer."""
+    layers both adapt, in the first adapter's order. Raises AdapterError if they share no layer, or if a shared
+    layer's inputs differ in size (the adapters were trained on different base models)."""
     f1, f2 = as_adapter_state(adapter1).factors(), as_adapter_state(adapter2).factors()
     shared = [path for path in f1 if path in f2]
     if not shared:
         raise AdapterError(f"the adapters share no adapted layer (first: {list(f1)[:3]}, second: {list(f2)[:3]})")
+    for path in shared:
+        if f1[path][0].shape[1:] != f2[path][0].shape[1:]:
+            raise AdapterError(f"layer {path!r} has inputs of shape {list(f1[path][0].shape[1:])} in the first adapter "
+                               f"and {list(f2[path][0].shape[1:])} in the second: they were trained on different base "
+                               f"models")
     return [LayerSimilarity(path, similarity_grid(f1[path][0], f2[path][0])) for path in shared]
 
 

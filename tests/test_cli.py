@@ -76,6 +76,8 @@ def test_error_paths(hub_server, published, tmp_path):
         "not an adapter": (["info", tmp_path / "empty"], r"invalid adapter: ", 1),
         "unreachable": (["versions", repo, "--endpoint", "http://127.0.0.1:9"],
                         r"cannot reach http://127\.0\.0\.1:9 .* set --endpoint or HF_ENDPOINT", 1),
+        "endpoint without a scheme": (["pull", repo, "--endpoint", "127.0.0.1:9"],
+                                      r"the endpoint '127\.0\.0\.1:9' is not an http:// or https:// URL", 1),
         "bad spec": (["pull", f"{repo}@^1.x"], r"'\^1\.x' is not a version or range", 2),
         "bad repo id": (["versions", "../etc"], r"'\.\./etc' is not a repo id", 2),
         "repo id ending in .git": (["pull", "me/adapter.git@1.0.0"], r"'me/adapter\.git' is not a repo id", 2),
@@ -101,6 +103,12 @@ def test_auth_failure_is_one_line_without_the_token(hub_token, tmp_path):
     assert result.exit_code == 1
     one_line_error(result, r"refused the token for me/private \(HTTP 401\): set HF_TOKEN")
     assert wrong not in result.output + result.stderr and HUB_TOKEN not in result.output + result.stderr
+    pasted = "\u200b" + HUB_TOKEN  # a zero-width space copied with it: the client cannot even send it
+    result = CliRunner().invoke(app, ["versions", "me/private"], env={"HF_TOKEN": pasted})
+    assert result.exit_code == 1
+    one_line_error(result, r"the token for http://127\.0\.0\.1:\d+ \(HF_TOKEN or `hf auth login`\) holds a character "
+                           r"that is not ASCII \(pasted with an invisible one\?\): set it again$")
+    assert HUB_TOKEN not in result.output + result.stderr
 
 
 def test_real_executable_error(hub_server):
@@ -165,3 +173,65 @@ def test_merge_and_argument_errors_are_labelled(tmp_path):
     one_line_error(result, r"already exists and is not empty; choose another --out or delete it$")
     assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == before
     assert validate_adapter(tmp_path / "adapter").config.r == 4  # an input is never overwritten
+
+
+def test_user_text_is_printed_verbatim(hub_server, tmp_path):
+    """Commit messages, paths and specs are the user's text, not rich markup: brackets print as typed."""
+    repo = f"me/cli-{uuid.uuid4().hex[:6]}"
+    saved_adapter(tmp_path / "adapter")
+    run("push", tmp_path / "adapter", repo, "-m", "[/]a [b]c[/b]")
+    assert "[/]a [b]c[/b]" in run("versions", repo).stdout
+    target = tmp_path / "exp[lr=1e-4]" / "[red]out"
+    assert run("pull", repo, "--to", target).stdout.strip() == str(target)
+    one_line_error(run("pull", f"{repo}@[/]1", code=2), r"'\[/\]1' is not a version or range")
+
+
+@pytest.mark.parametrize(("args", "pattern"), [
+    (["push"], r"^error: Missing argument 'adapter_dir'; see `lora-hub push --help`$"),
+    (["frob"], r"^error: No such command 'frob'; see `lora-hub --help`$"),
+    (["pull", "me/a", "--too", "x"], r"^error: No such option: --too \(Possible options: --to\); see `lora-hub pull --help`$"),
+    (["serve", "--port", "abc"], r"^error: Invalid value for '--port': .*; see `lora-hub serve --help`$"),
+])
+def test_usage_errors_are_one_line(args, pattern):
+    """Click's own errors (before a verb runs) end like the verbs' errors: one line, exit code 2."""
+    one_line_error(run(*args, code=2), pattern)
+
+
+def test_a_file_given_for_a_folder_is_named(hub_server, tmp_path, monkeypatch):
+    """`out/adapter_model.safetensors` reads like a repo id: it is refused as a file, not looked up on the hub."""
+    saved_adapter(tmp_path / "adapter")
+    tiny_gpt2().save_pretrained(tmp_path / "base")
+    monkeypatch.chdir(tmp_path)
+    for args in (["info", "adapter/adapter_model.safetensors"],
+                 ["merge", "adapter", "--base", "base/model.safetensors", "--out", "merged"]):
+        file = args[-1] if args[0] == "info" else args[3]
+        one_line_error(run(*args, code=2), rf"^error: '{file}' is a file, not a folder: give the folder that holds it$")
+    assert not (tmp_path / "merged").exists()
+
+
+def test_compare_adapters_of_different_bases_is_labelled(tmp_path):
+    saved_adapter(tmp_path / "narrow")
+    saved_adapter(tmp_path / "wide", n_embd=48)
+    result = run("compare", tmp_path / "narrow", tmp_path / "wide", code=1)
+    one_line_error(result, r"^error: invalid adapter: layer 'transformer\.h\.0\.attn\.c_attn' has inputs of shape "
+                           r"\[32\] in the first adapter and \[48\] in the second: they were trained on different base")
+
+
+def test_serve_on_a_port_in_use_says_so(tmp_path):
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = run("serve", "--root", tmp_path / "root", "--port", port, code=1)
+    one_line_error(result, rf"^error: cannot listen on 127\.0\.0\.1:{port}: Address already in use; choose another "
+                           r"--port \(0: any free one\) or --host$")
+
+
+def test_out_that_is_a_file_is_refused(tmp_path):
+    saved_adapter(tmp_path / "adapter")
+    tiny_gpt2().save_pretrained(tmp_path / "base")
+    (tmp_path / "taken").write_text("mine")
+    for args in (["merge", tmp_path / "adapter", "--base", tmp_path / "base"], ["combine", tmp_path / "adapter"]):
+        result = run(*args, "--out", tmp_path / "taken", code=1)
+        one_line_error(result, r"taken already exists and is a file; choose another --out or delete it$")
+    assert (tmp_path / "taken").read_text() == "mine"

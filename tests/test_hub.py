@@ -183,6 +183,21 @@ def test_invalid_adapter_is_refused_before_sending(hub_server, tmp_path, repo_id
     assert not HfApi(endpoint=hub_server.url).repo_exists(repo_id)
 
 
+def test_diverged_adapter_is_refused_before_sending(hub_server, tmp_path, repo_id):
+    """validate_adapter reads only the header: push also reads the values, so a NaN adapter (a diverged run),
+    which every load refuses, never becomes a version."""
+    from safetensors.torch import load_file, save_file
+
+    saved_adapter(tmp_path / "nan")
+    weights = tmp_path / "nan" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    next(t for k, t in tensors.items() if "lora_B" in k)[0, 0] = float("nan")
+    save_file(tensors, weights)
+    with pytest.raises(hub.InvalidAdapter, match=r"lora_B\.weight holds NaN or Inf values"):
+        hub.push(tmp_path / "nan", repo_id, endpoint=hub_server.url)
+    assert not HfApi(endpoint=hub_server.url).repo_exists(repo_id)
+
+
 def test_pull_offline_from_cache_and_verifies_hashes(hub_server, two_versions, tmp_path, repo_id, monkeypatch):
     online = hub.pull(f"{repo_id}@^1.0", endpoint=hub_server.url)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
@@ -209,9 +224,19 @@ def test_pull_offline_from_a_cache_without_symlinks(hub_server, two_versions, re
     online = hub.pull(f"{repo_id}@^1.0", endpoint=hub_server.url)
     assert not (online / "adapter_model.safetensors").is_symlink()
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.warns(UserWarning, match=r"@1\.1\.0: \.gitattributes, README\.md, adapter_config\.json, adapter_model\.safetensors "
-                      r"not verified: the cache holds copies"):
+    with pytest.warns(UserWarning, match=r"@1\.1\.0: \.gitattributes, README\.md, adapter_config\.json, "
+                      r"adapter_model\.safetensors not verified: the cache holds copies"):
         assert hub.pull(f"{repo_id}@^1.0", endpoint="http://127.0.0.1:9") == online
+
+
+def test_offline_verbs_that_need_the_hub_say_so(hub_server, tmp_path, repo_id, monkeypatch):
+    """Offline, versions and push cannot work whatever the cache holds: the error says to go online."""
+    saved_adapter(tmp_path / "adapter")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    for verb in (lambda: hub.versions(repo_id), lambda: hub.push(tmp_path / "adapter", repo_id)):
+        with pytest.raises(hub.Unreachable, match=rf"^offline mode \(HF_HUB_OFFLINE=1\): {hub_server.url} cannot be "
+                                                  rf"asked about {repo_id}; unset HF_HUB_OFFLINE"):
+            verb()
 
 
 def test_lfs_upload_path_verifies_sha256(tmp_path, repo_id, monkeypatch):
@@ -353,6 +378,11 @@ def test_merge_failures_are_hub_errors(tmp_path):
         hub.merge(tmp_path / "adapter", tmp_path / "pickled", tmp_path / "m2")
     with pytest.raises(hub.HubError, match="cannot load the base model"):
         hub.merge(tmp_path / "adapter", tmp_path / "adapter", tmp_path / "m3")
+    tiny_gpt2().save_pretrained(tmp_path / "truncated")  # an interrupted copy of the base
+    with open(tmp_path / "truncated" / "model.safetensors", "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(hub.HubError, match=r"^cannot load the base model from .*truncated: .*header"):
+        hub.merge(tmp_path / "adapter", tmp_path / "truncated", tmp_path / "m3")
 
     tiny_gpt2().save_pretrained(tmp_path / "base")  # GPT-2 ties lm_head to wte: folding into it would change both
     saved_adapter(tmp_path / "head-adapter", targets=("lm_head",))
