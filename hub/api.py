@@ -164,10 +164,14 @@ def _exists(repo_id: str, version: Version, published: dict[Version, str]) -> Ve
                          f"are never overwritten, nothing was changed: {then}")
 
 
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
 def _upload_files(directory: Path) -> list[Path]:
     """The adapter folder's top-level files to upload: not hidden ones, not the card (generated per push).
 
-    Symlinks to files are followed, as huggingface_hub's own upload does: the folder `pull` returns is a cache
+    Pickle files (``optimizer.pt``, ``training_args.bin``: what a Trainer checkpoint folder also holds) are refused,
+    not published. Symlinks to files are followed, as huggingface_hub's own upload does: the folder `pull` returns is a cache
     snapshot whose files are links into its blobs; a link pointing anywhere else (say to ~/.netrc) is refused
     (`adapter_file`). InvalidAdapter, before anything is sent, also if the adapter's two files are not among them
     (removed since validation, or named in another case on a case-insensitive disk): a commit never lacks them.
@@ -178,6 +182,11 @@ def _upload_files(directory: Path) -> list[Path]:
         files = [adapter_file(directory, name) for name in names]
     except AdapterError as err:
         raise InvalidAdapter(f"invalid adapter: {_one_line(str(err))}; nothing was pushed") from None
+    pickles = [n for n in names if n.lower().endswith(_PICKLE_SUFFIXES)]
+    if pickles:
+        raise InvalidAdapter(f"invalid adapter: {directory} holds pickle files {pickles} (training state, such as a "
+                             f"Trainer checkpoint's optimizer.pt): loading a pickle can run code, so lora-hub never "
+                             f"publishes one; push a folder with the adapter only (save_adapter); nothing was pushed")
     missing = sorted({CONFIG_NAME, WEIGHTS_NAME} - set(names))
     if missing:
         raise InvalidAdapter(f"invalid adapter: {directory} has no file named exactly {' or '.join(missing)} to "

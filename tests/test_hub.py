@@ -175,6 +175,17 @@ def test_push_refuses_a_link_out_of_the_folder(hub_server, tmp_path, repo_id):
     assert not HfApi(endpoint=hub_server.url).repo_exists(repo_id)
 
 
+def test_push_refuses_pickles_beside_the_adapter(hub_server, tmp_path, repo_id):
+    """A Trainer checkpoint folder holds the adapter and pickled training state: none of it is published."""
+    saved_adapter(tmp_path / "checkpoint-500")
+    for name in ("optimizer.pt", "training_args.bin", "rng_state.pth"):
+        (tmp_path / "checkpoint-500" / name).write_bytes(b"\x80\x04K\x01.")  # pickle.dumps(1)
+    with pytest.raises(hub.InvalidAdapter, match=r"holds pickle files \['optimizer.pt', 'rng_state.pth', "
+                                                 r"'training_args.bin'\] .* lora-hub never publishes one"):
+        hub.push(tmp_path / "checkpoint-500", repo_id, endpoint=hub_server.url)
+    assert not HfApi(endpoint=hub_server.url).repo_exists(repo_id)
+
+
 def test_invalid_adapter_is_refused_before_sending(hub_server, tmp_path, repo_id):
     saved_adapter(tmp_path / "bad")
     (tmp_path / "bad" / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 0}')
