@@ -75,7 +75,8 @@ class LoRAConfig:
         dropout: dropout probability on the LoRA branch's input, in [0, 1).
         target_modules: which modules to wrap. A list of names, each matching a module path exactly or as a
             dotted suffix (``"c_attn"`` matches ``transformer.h.0.attn.c_attn``); a string, matched against
-            whole paths with ``re.fullmatch``; ``"all-linear"`` for every linear layer except the output head;
+            whole paths with ``re.fullmatch``; ``"all-linear"`` for every linear layer except the output head
+            (and ``nn.MultiheadAttention``'s ``out_proj``, which its forward reads but never calls);
             None to take the default for ``model.config.model_type``.
         exclude_modules: names or a regex, matched like ``target_modules``, removed from the targets.
         bias: which biases train: ``"none"``, ``"all"``, or ``"lora_only"`` (those of adapted layers).

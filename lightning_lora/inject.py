@@ -54,6 +54,7 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
     all_linear = spec == "all-linear"
     head = output_head(model) if all_linear else None
     inside_lora = [p + "." for p, _ in lora_layers(model)]
+    uncalled = _uncalled_layers(model)
     paths = [p for p, _ in model.named_modules()]
     saved = [p for p in paths if is_saved_module(config.modules_to_save, p)]
     # a typo guard; PEFT's task classes add head names whether the model has them or not (BART's head is another)
@@ -73,10 +74,16 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
         if matches(config.exclude_modules, path):
             continue
         if all_linear:
-            if module is head or lora_class_for(module) is not LoRALinear and not isinstance(module, LoRALinear):
+            if module is head or path in uncalled or lora_class_for(module) is not LoRALinear and not isinstance(
+                    module, LoRALinear):
                 continue
         elif not matches(spec, path):
             continue
+        if path in uncalled:
+            raise ConfigError(
+                f"target {path!r} belongs to a MultiheadAttention, whose forward reads its weight directly instead "
+                f"of calling it, so LoRA there would never run nor train; exclude it (exclude_modules)"
+            )
         if not isinstance(module, LoRALayer) and lora_class_for(module) is None:
             inner = _candidate_names(module)[:8]
             raise ConfigError(
@@ -364,5 +371,14 @@ def _leaf_names(model: nn.Module) -> list[str]:
 
 def _candidate_names(model: nn.Module) -> list[str]:
     """Distinct leaf names of the modules LoRA can wrap, for error messages."""
-    names = {p.rsplit(".", 1)[-1] for p, m in model.named_modules() if p and lora_class_for(m) is not None}
+    uncalled = _uncalled_layers(model)
+    names = {p.rsplit(".", 1)[-1] for p, m in model.named_modules()
+             if p and p not in uncalled and lora_class_for(m) is not None}
     return sorted(names)
+
+
+def _uncalled_layers(model: nn.Module) -> set[str]:
+    """Paths of the layers whose parent uses their weights without calling them: ``nn.MultiheadAttention``'s
+    ``out_proj`` (PyTorch's attention kernel takes ``out_proj.weight``). A LoRA layer there would be bypassed."""
+    return {f"{path}.{name}" if path else name for path, module in model.named_modules()
+            if isinstance(module, nn.MultiheadAttention) for name, _ in module.named_children()}

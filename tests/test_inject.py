@@ -348,3 +348,18 @@ def test_meta_device_base_refused_before_any_change():
     with pytest.raises(ConfigError, match=r"'0' \(and 1 more\) has its weights on the meta device"):
         inject(model, LoRAConfig(r=2, target_modules=["0", "2"]))
     assert not list(lora_layers(model)) and not getattr(model, "_lora_configs", None)
+
+
+def test_multihead_attention_out_proj_refused_and_skipped_by_all_linear():
+    """nn.MultiheadAttention reads out_proj.weight without calling out_proj: LoRA there would never run."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True), nn.Linear(16, 4))
+    before = state_snapshot(model)
+    with pytest.raises(ConfigError, match=r"'0.self_attn' is a MultiheadAttention, .*\(exclude_modules\)$"):
+        inject(model, LoRAConfig(target_modules=["self_attn"]))
+    with pytest.raises(ConfigError, match=r"'0.self_attn.out_proj' belongs to a MultiheadAttention.*never run"):
+        inject(model, LoRAConfig(target_modules=["out_proj", "linear1"]))
+    assert_same_state(model, before)
+    assert not list(lora_layers(model))
+    inject(model, LoRAConfig(r=2, target_modules="all-linear"))
+    assert [p for p, _ in lora_layers(model)] == ["0.linear1", "0.linear2", "1"]
