@@ -35,7 +35,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
-from .config import ConfigError, LoRAConfig
+from .config import ConfigError, LoRAConfig, checked_config
 from .inject import adapter_configs, extra_buffers, inject, lora_layers
 from .io import WRAPPER_SEGMENTS, architecture, atomic_write, fingerprint, remove_stale_temps, save_adapter
 from .summary import LoRASummary, summarize
@@ -115,7 +115,7 @@ class LoRACallback(Callback):
         noop_check_steps: int | None = 10,
     ) -> None:
         fields = {k: v for k, v in locals().items() if k in _CONFIG_FIELDS and v is not None}
-        self.config = (config or LoRAConfig()).replace(**fields)
+        self.config = checked_config(config).replace(**fields)
         self.adapter_dir = Path(adapter_dir) if adapter_dir is not None else None
         if self.adapter_dir is not None and self.adapter_dir.exists() and not self.adapter_dir.is_dir():
             raise ConfigError(f"adapter_dir={str(adapter_dir)!r} is a file; name a folder (created if missing)")

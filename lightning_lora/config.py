@@ -235,6 +235,19 @@ class LoRAConfig:
         )
 
 
+def checked_config(config: LoRAConfig | None) -> LoRAConfig:
+    """`config`, or the default config for None; ConfigError for anything else (an adapter name or a dict
+    passed where the config goes)."""
+    if config is None:
+        return LoRAConfig()
+    if not isinstance(config, LoRAConfig):
+        raise ConfigError(
+            f"config must be a LoRAConfig or None, got {type(config).__name__} {config!r}: pass LoRAConfig(...) (or "
+            f"its fields as keyword arguments, e.g. r=8), and an adapter's name as adapter_name=..."
+        )
+    return config
+
+
 def matches(spec: list[str] | str | None, path: str) -> bool:
     """Whether module `path` is selected by `spec` (``target_modules``, ``exclude_modules``): a list of exact
     paths or dotted suffixes, or a regex string matched against the whole path. PEFT's rule."""

@@ -14,7 +14,15 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .config import DEFAULT_TARGETS, PEFT_HEADS, ConfigError, LoRAConfig, is_saved_module, matches
+from .config import (
+    DEFAULT_TARGETS,
+    PEFT_HEADS,
+    ConfigError,
+    LoRAConfig,
+    checked_config,
+    is_saved_module,
+    matches,
+)
 from .layers import LoRALayer, LoRALinear, lora_class_for
 from .summary import LoRASummary, summarize
 
@@ -109,7 +117,7 @@ def inject(
     Pass a `LoRAConfig`, its fields as keyword arguments, or both (fields override). Injecting the same
     adapter again is a no-op; the same name with another config raises. Returns the parameter summary.
     """
-    config = config or LoRAConfig()
+    config = checked_config(config)
     config = resolve_config(model, config.replace(**fields) if fields else config)
     _check_name(adapter_name)
     registry = adapter_configs(model)

@@ -363,3 +363,17 @@ def test_multihead_attention_out_proj_refused_and_skipped_by_all_linear():
     assert not list(lora_layers(model))
     inject(model, LoRAConfig(r=2, target_modules="all-linear"))
     assert [p for p, _ in lora_layers(model)] == ["0.linear1", "0.linear2", "1"]
+
+
+@pytest.mark.parametrize("config", ["other", {"r": 4, "target_modules": ["c_attn"]}], ids=["name", "dict"])
+def test_config_of_another_type_refused_with_the_fix(config):
+    """An adapter name or a dict where the config goes used to end in an AttributeError deep inside."""
+    from lightning_lora import LoRACallback
+
+    model = tiny_gpt2()
+    before = state_snapshot(model)
+    with pytest.raises(ConfigError, match=rf"config must be a LoRAConfig or None, got {type(config).__name__} .*adapter_name="):
+        inject(model, config)
+    with pytest.raises(ConfigError, match="config must be a LoRAConfig or None"):
+        LoRACallback(config)
+    assert_same_state(model, before)
