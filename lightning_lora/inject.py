@@ -103,7 +103,7 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
     if not targets:
         raise ConfigError(
             f"target_modules={spec!r} matches no module of {type(model).__name__}; candidate names: "
-            f"{_candidate_names(model)}"
+            f"{_candidate_names(model)}{_regex_hint(model, spec)}"
         )
     return targets
 
@@ -383,6 +383,14 @@ def _candidate_names(model: nn.Module) -> list[str]:
     names = {p.rsplit(".", 1)[-1] for p, m in model.named_modules()
              if p and p not in uncalled and lora_class_for(m) is not None}
     return sorted(names)
+
+
+def _regex_hint(model: nn.Module, spec: list[str] | str) -> str:
+    """Advice for a string meant as a module name: a string is a regex over whole paths, so it matches nothing."""
+    if not isinstance(spec, str) or not any(re.fullmatch(spec, name) for name in _leaf_names(model)):
+        return ""
+    return (f" (a string is a regular expression matched against whole module paths, as in PEFT: to match by "
+            f"name, pass a list, target_modules=[{spec!r}], or the regex {'.*' + spec!r})")
 
 
 def _uncalled_layers(model: nn.Module) -> set[str]:

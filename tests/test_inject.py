@@ -377,3 +377,15 @@ def test_config_of_another_type_refused_with_the_fix(config):
     with pytest.raises(ConfigError, match="config must be a LoRAConfig or None"):
         LoRACallback(config)
     assert_same_state(model, before)
+
+
+def test_string_target_explains_that_it_is_a_regex():
+    """target_modules="c_attn" (a YAML scalar, or a missing list) is a regex over whole paths and matches nothing,
+    while the message listed c_attn among the candidates without saying why."""
+    model = tiny_gpt2()
+    with pytest.raises(ConfigError, match=r"candidate names: \[.*'c_attn'.*\] \(a string is a regular expression "
+                                          r"matched against whole module paths.*target_modules=\['c_attn'\]"):
+        inject(model, LoRAConfig(target_modules="c_attn"))
+    with pytest.raises(ConfigError, match=r"'q_proj' matches no module of GPT2LMHeadModel; candidate names: \[[^]]*\]$"):
+        inject(model, LoRAConfig(target_modules="q_proj"))
+    assert not list(lora_layers(model))
