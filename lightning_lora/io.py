@@ -270,6 +270,11 @@ def validate_adapter(directory: str | os.PathLike) -> AdapterInfo:
     directory = Path(directory)
     if not directory.is_dir():
         raise AdapterError(f"{directory} is not a folder holding an adapter")
+    named = sorted(p.name for p in directory.iterdir() if (p / CONFIG_NAME).is_file())
+    if named and not (directory / CONFIG_NAME).exists():
+        raise AdapterError(f"{directory} has no {CONFIG_NAME} but holds the named adapters {named} (PEFT saves an "
+                           f"adapter not named 'default' in <dir>/<name>): use {directory / named[0]}, or "
+                           f"load_adapter(model, dir, adapter_name={named[0]!r})")
     config = read_config(directory)
     weights = _weights_path(directory)
     header, metadata = read_header(weights)

@@ -261,3 +261,18 @@ def test_all_linear_export_reloads_where_leaf_names_would_not(adapter_path):
     fresh = build()
     load_adapter(fresh, adapter_path)
     assert torch.allclose(model_output(fresh, x), model_output(model, x), atol=1e-6)
+
+
+def test_folder_of_named_adapters_says_which_to_load(tmp_path):
+    """save_adapter(..., adapter_name="other") writes PEFT's <dir>/other; loading <dir> said only that it has no
+    adapter_config.json."""
+    model = tiny_gpt2()
+    inject(model, LoRAConfig(r=2, target_modules=["c_attn"]), "other")
+    save_adapter(model, tmp_path, adapter_name="other")
+    fresh = tiny_gpt2()
+    before = state_snapshot(fresh)
+    with pytest.raises(AdapterError, match=r"has no adapter_config.json but holds the named adapters \['other'\].*"
+                                           r"load_adapter\(model, dir, adapter_name='other'\)"):
+        load_adapter(fresh, tmp_path)
+    assert_same_state(fresh, before)
+    assert load_adapter(fresh, tmp_path, "other").r == 2
