@@ -176,7 +176,7 @@ def same_adapter(model: nn.Module, a: LoRAConfig, b: LoRAConfig) -> bool:
 def set_adapter(model: nn.Module, adapter_name: str) -> None:
     """Make `adapter_name` the active adapter: used in forward and the only one that trains. Raises while an
     adapter is merged (the merged one would stay in the weights)."""
-    config = _config(model, adapter_name)
+    config = adapter_config(model, adapter_name)
     if any(layer.merged_adapters for _, layer in lora_layers(model)):
         raise RuntimeError("adapters are merged into the base weights; unmerge(model) before switching adapters")
     for param in model.parameters():
@@ -209,7 +209,7 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     """Remove adapter `adapter_name`; layers left with no adapter are replaced by their base layer. If it was
     the active adapter, the most recently injected remaining one becomes active."""
-    _config(model, adapter_name)
+    adapter_config(model, adapter_name)
     was_active = any(adapter_name in layer.active_adapters for _, layer in lora_layers(model))
     for path, layer in list(lora_layers(model)):
         if adapter_name in layer.lora_a:
@@ -331,10 +331,12 @@ def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def _config(model: nn.Module, adapter_name: str) -> LoRAConfig:
+def adapter_config(model: nn.Module, adapter_name: str) -> LoRAConfig:
+    """The config of adapter `adapter_name` of `model`; KeyError naming the adapters it has, if any."""
     registry = adapter_configs(model)
     if adapter_name not in registry:
-        raise KeyError(f"no adapter named {adapter_name!r}; the model has {list(registry) or 'none'}")
+        has = f"has {list(registry)}" if registry else "has none: inject(model, config) or load_adapter(model, dir) first"
+        raise KeyError(f"no adapter named {adapter_name!r}; the model {has}")
     return registry[adapter_name]
 
 

@@ -31,6 +31,7 @@ from torch import nn
 from . import quant
 from .config import PEFT_HEADS, ConfigError, LoRAConfig, is_saved_module
 from .inject import (
+    adapter_config,
     adapter_configs,
     extra_buffers,
     extra_trainable,
@@ -125,7 +126,7 @@ def adapter_dir(directory: str | os.PathLike, adapter_name: str = "default") -> 
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """The adapter's tensors under PEFT's keys: A, B (and DoRA magnitudes), plus modules_to_save (parameters
     and buffers, as PEFT saves them) and biases."""
-    config = adapter_configs(model)[adapter_name]
+    config = adapter_config(model, adapter_name)
     out = {}
     for path, layer in lora_layers(model):
         for kind, params in layer.named_children():
@@ -150,10 +151,7 @@ def save_adapter(
     `metadata` (string values) goes in the safetensors header as ``lightning_lora.<key>``; `card`, if given,
     is written as README.md. Each file is replaced atomically, weights first.
     """
-    registry = adapter_configs(model)
-    if adapter_name not in registry:
-        raise KeyError(f"no adapter named {adapter_name!r} to save; the model has {list(registry) or 'none'}")
-    config = registry[adapter_name]
+    config = adapter_config(model, adapter_name)
     base_model = base_model or config.base_model or _name_or_path(model)
     config = config.replace(base_model=base_model, task_type=config.task_type or task_type(model, config.modules_to_save))
     if config.target_modules == "all-linear":  # write the matched paths (as PEFT does): every reader finds the same

@@ -189,8 +189,20 @@ def test_validate_adapter_reports(adapter_path):
 
 def test_save_unknown_adapter_name(adapter_path):
     model, _ = _trained_gpt2()
-    with pytest.raises(KeyError, match="no adapter named 'x' to save; the model has \\['default'\\]"):
+    with pytest.raises(KeyError, match="no adapter named 'x'; the model has \\['default'\\]"):
         save_adapter(model, adapter_path, adapter_name="x")
+
+
+def test_save_without_any_adapter_says_how_to_add_one(adapter_path):
+    """A model without LoRA: save_adapter said only 'the model has none', AdapterState.from_model a bare 'default'."""
+    from lightning_lora import AdapterState
+
+    model = tiny_gpt2()
+    for call in (lambda: save_adapter(model, adapter_path), lambda: AdapterState.from_model(model)):
+        with pytest.raises(KeyError, match=r"no adapter named 'default'; the model has none: inject\(model, config\) "
+                                           r"or load_adapter\(model, dir\) first"):
+            call()
+    assert not adapter_path.exists() or not any(adapter_path.iterdir())
 
 
 def test_card_usage_names_the_class_that_loads_the_base(adapter_path):
