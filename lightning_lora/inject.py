@@ -75,17 +75,18 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
         )
     # modules_to_save are trained and saved whole, so nothing inside them is wrapped (as PEFT)
     skip = inside_lora + [p + "." for p in saved]
-    targets = []
+    targets, dropped = [], []  # dropped: matched, but excluded or part of modules_to_save
     for path, module in model.named_modules():
-        if not path or path in saved or any(path.startswith(p) for p in skip):
-            continue
-        if matches(config.exclude_modules, path):
+        if not path or any(path.startswith(p) for p in inside_lora):
             continue
         if all_linear:
             if module is head or path in uncalled or lora_class_for(module) is not LoRALinear and not isinstance(
                     module, LoRALinear):
                 continue
         elif not matches(spec, path):
+            continue
+        if path in saved or any(path.startswith(p) for p in skip) or matches(config.exclude_modules, path):
+            dropped.append(path)
             continue
         if path in uncalled:
             raise ConfigError(
@@ -100,6 +101,12 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
                 f"(exclude_modules)" + (f" or name its linear sub-layers instead, e.g. {inner}" if inner else "")
             )
         targets.append(path)
+    if not targets and dropped:
+        raise ConfigError(
+            f"target_modules={spec!r} matches {len(dropped)} modules (e.g. {dropped[0]!r}), but exclude_modules="
+            f"{config.exclude_modules!r} and modules_to_save={config.modules_to_save!r} (trained whole, never wrapped) "
+            f"leave none of them to adapt; narrow those"
+        )
     if not targets:
         raise ConfigError(
             f"target_modules={spec!r} matches no module of {type(model).__name__}; candidate names: "

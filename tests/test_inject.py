@@ -389,3 +389,14 @@ def test_string_target_explains_that_it_is_a_regex():
     with pytest.raises(ConfigError, match=r"'q_proj' matches no module of GPT2LMHeadModel; candidate names: \[[^]]*\]$"):
         inject(model, LoRAConfig(target_modules="q_proj"))
     assert not list(lora_layers(model))
+
+
+@pytest.mark.parametrize("fields", [{"exclude_modules": ["c_attn"]}, {"exclude_modules": r".*\.h\..*"},
+                                    {"modules_to_save": ["attn"]}], ids=["exclude", "exclude-regex", "saved"])
+def test_targets_all_excluded_says_so(fields):
+    """It said "matches no module" and listed c_attn among the candidates: the matches were all excluded."""
+    model = tiny_gpt2()
+    with pytest.raises(ConfigError, match=r"target_modules=\['c_attn'\] matches 2 modules \(e.g. "
+                                          r"'transformer.h.0.attn.c_attn'\), but exclude_modules=.* leave none"):
+        inject(model, LoRAConfig(target_modules=["c_attn"], **fields))
+    assert not list(lora_layers(model))
