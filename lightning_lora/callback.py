@@ -139,6 +139,13 @@ class LoRACallback(Callback):
         weights outside a Trainer."""
         target = self._target(module)
         first = "default" not in adapter_configs(target)
+        inner = _transformers_child(module) if self.model_attr is None else None
+        if inner and self.config.target_modules is None and not hasattr(module, "config"):
+            raise ConfigError(
+                f"target_modules is not set, and {type(module).__name__} has no model type to pick defaults from: it "
+                f"holds a transformers model in `self.{inner}`; set LoRACallback(model_attr={inner!r}) to adapt that "
+                f"model with its type's default targets (and export an adapter that loads onto it)"
+            )
         inject(target, self.config)
         if first:
             trainable = {id(p) for p in target.parameters() if p.requires_grad}
@@ -456,12 +463,16 @@ def _warn_wrapped_transformers_model(pl_module: pl.LightningModule) -> None:
     """Without `model_attr` the export's keys start at the LightningModule (``base_model.model.model.model...``
     for a transformers model in ``self.model``): PEFT and transformers, loading it onto that model, would find
     none of its keys and run the bare base."""
-    name = next((n for n, m in pl_module.named_children() if hasattr(m, "config") and hasattr(m, "save_pretrained")),
-                None)
+    name = _transformers_child(pl_module)
     if name is not None:
         rank_zero_warn(f"LoRA: the LightningModule holds a transformers model in `self.{name}`; set "
                        f"LoRACallback(model_attr={name!r}) so that the PEFT export loads onto that model (without it "
                        f"the export's keys start at the LightningModule and PEFT or transformers would load none)")
+
+
+def _transformers_child(module: nn.Module) -> str | None:
+    """The attribute of `module` holding a transformers model (``self.model``), if any."""
+    return next((n for n, m in module.named_children() if hasattr(m, "config") and hasattr(m, "save_pretrained")), None)
 
 
 def _fsdp_root(trainer: pl.Trainer) -> nn.Module | None:
