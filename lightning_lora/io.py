@@ -267,7 +267,9 @@ def validate_adapter(directory: str | os.PathLike) -> AdapterInfo:
     config. Returns what it found; raises AdapterError naming the problem."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise AdapterError(f"{directory} is not a folder holding an adapter")
+        hint = "" if directory.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+(@\S+)?", str(directory)) else (
+            f" (a Hub repo id? download it first: hub.pull({str(directory)!r}) or `lora-hub pull {directory}`)")
+        raise AdapterError(f"{directory} is not a folder holding an adapter{hint}")
     named = sorted(p.name for p in directory.iterdir() if (p / CONFIG_NAME).is_file())
     if named and not (directory / CONFIG_NAME).exists():
         raise AdapterError(f"{directory} has no {CONFIG_NAME} but holds the named adapters {named} (PEFT saves an "

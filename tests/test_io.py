@@ -288,3 +288,17 @@ def test_folder_of_named_adapters_says_which_to_load(tmp_path):
         load_adapter(fresh, tmp_path)
     assert_same_state(fresh, before)
     assert load_adapter(fresh, tmp_path, "other").r == 2
+
+
+def test_hub_repo_id_passed_as_folder_says_to_pull_it(tmp_path, monkeypatch):
+    """load_adapter(model, "team/my-task") (PEFT's from_pretrained habit) said only "not a folder"."""
+    monkeypatch.chdir(tmp_path)
+    model = tiny_gpt2()
+    with pytest.raises(AdapterError, match=r"team/my-task@\^1.0 is not a folder holding an adapter \(a Hub repo id\? "
+                                           r"download it first: hub.pull\('team/my-task@\^1.0'\)"):
+        load_adapter(model, "team/my-task@^1.0")
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "adapter").write_text("a file, not a repo id")
+    with pytest.raises(AdapterError, match=r"runs/adapter is not a folder holding an adapter$"):
+        load_adapter(model, "runs/adapter")
+    assert not list(lora_layers(model))
