@@ -515,7 +515,8 @@ def _check_keys(
         if unexpected:
             parts.append(f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
                          f"{_hint(unexpected[0])}")
-        raise AdapterError(f"{directory / WEIGHTS_NAME} does not fit this model: {'; '.join(parts)}")
+        raise AdapterError(f"{directory / WEIGHTS_NAME} does not fit this model: {'; '.join(parts)}"
+                           f"{_prefix_hint(missing, unexpected)}")
     for key in sorted(embedding_bases.keys() & found.keys()):
         base, shape = embedding_bases[key], list(found[key])
         if quant.is_quantized(base):
@@ -530,6 +531,25 @@ def _check_keys(
         if tuple(found[key]) != tuple(shape):
             raise AdapterError(f"{directory / WEIGHTS_NAME}: {key} has shape {list(found[key])}, the model "
                                f"needs {list(shape)} (an adapter for another base or rank?)")
+
+
+def _prefix_hint(missing: list[str], unexpected: list[str]) -> str:
+    """Advice when the adapter's keys and the model's differ only by a leading module path: the adapter was saved
+    from a model holding this one (``BertForSequenceClassification.bert``, a LightningModule's ``self.model``),
+    or from a part of it."""
+    if not missing or not unexpected:
+        return ""
+    need, have = missing[0][len(PREFIX):], unexpected[0][len(PREFIX):]
+    for outer, inner, keys, other in ((have, need, missing, unexpected), (need, have, unexpected, missing)):
+        extra = outer[:-len(inner)] if outer.endswith("." + inner) else None
+        if extra and {PREFIX + extra + k[len(PREFIX):] for k in keys} == set(other):
+            if other is unexpected:
+                return (f". Every adapter key has an extra leading {extra!r}: it was saved from a model that holds "
+                        f"this one as {extra[:-1]!r} (e.g. a task model around the encoder, or a LightningModule "
+                        f"exported without model_attr); load it into that model")
+            return (f". Every model key has an extra leading {extra!r}: the adapter was saved from the part of this "
+                    f"model at {extra[:-1]!r}; load it into that part")
+    return ""
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -302,3 +302,24 @@ def test_hub_repo_id_passed_as_folder_says_to_pull_it(tmp_path, monkeypatch):
     with pytest.raises(AdapterError, match=r"runs/adapter is not a folder holding an adapter$"):
         load_adapter(model, "runs/adapter")
     assert not list(lora_layers(model))
+
+
+def test_keys_shifted_by_a_module_path_say_which_model_to_load_into(tmp_path):
+    """An adapter saved from BertModel loaded into BertForSequenceClassification (or back) listed missing and
+    unexpected keys that differ only by 'bert.', without saying so."""
+    config = LoRAConfig(r=2, target_modules=["query", "value"])
+    encoder, task = tiny_bert_classifier().bert, tiny_bert_classifier()
+    inject(encoder, config)
+    save_adapter(encoder, tmp_path / "encoder")
+    inject(task, config)
+    save_adapter(task, tmp_path / "task")
+    fresh = tiny_bert_classifier()
+    before = state_snapshot(fresh)
+    with pytest.raises(AdapterError, match=r"Every model key has an extra leading 'bert.': the adapter was saved from "
+                                           r"the part of this model at 'bert'; load it into that part$"):
+        load_adapter(fresh, tmp_path / "encoder")
+    with pytest.raises(AdapterError, match=r"Every adapter key has an extra leading 'bert.': it was saved from a model "
+                                           r"that holds this one as 'bert' .*; load it into that model$"):
+        load_adapter(fresh.bert, tmp_path / "task")
+    assert_same_state(fresh, before)
+    load_adapter(fresh.bert, tmp_path / "encoder")
