@@ -298,8 +298,10 @@ def _names_or_regex(name: str, value: Any) -> list[str] | str | None:
     if value is None:
         return None
     if isinstance(value, str):
-        if value == "all-linear":
-            return value
+        if value.lower() == "all-linear":  # PEFT's test is case-insensitive
+            return "all-linear"
+        if re.sub(r"[\s_]+", "-", value.strip().lower()) == "all-linear":
+            raise ConfigError(f"{name}={value!r} is not a keyword (it would be a regex matching nothing): write 'all-linear'")
         try:
             re.compile(value)
         except re.error as err:
