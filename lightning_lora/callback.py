@@ -35,7 +35,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
-from .config import ConfigError, LoRAConfig
+from .config import ConfigError, LoRAConfig, checked_config
 from .inject import adapter_configs, extra_buffers, inject, lora_layers
 from .io import WRAPPER_SEGMENTS, architecture, atomic_write, fingerprint, remove_stale_temps, save_adapter
 from .summary import LoRASummary, summarize
@@ -117,7 +117,7 @@ class LoRACallback(Callback):
         noop_check_steps: int | None = 10,
     ) -> None:
         fields = {k: v for k, v in locals().items() if k in _CONFIG_FIELDS and v is not None}
-        self.config = (config or LoRAConfig()).replace(**fields)
+        self.config = checked_config(config).replace(**fields)
         # "~" expanded, as Lightning does for default_root_dir and ModelCheckpoint's dirpath (YAML configs use it)
         self.adapter_dir = Path(adapter_dir).expanduser() if adapter_dir is not None else None
         if self.adapter_dir is not None and self.adapter_dir.exists() and not self.adapter_dir.is_dir():
@@ -142,6 +142,13 @@ class LoRACallback(Callback):
         weights outside a Trainer."""
         target = self._target(module)
         first = "default" not in adapter_configs(target)
+        inner = _transformers_child(module) if self.model_attr is None else None
+        if inner and self.config.target_modules is None and not hasattr(module, "config"):
+            raise ConfigError(
+                f"target_modules is not set, and {type(module).__name__} has no model type to pick defaults from: it "
+                f"holds a transformers model in `self.{inner}`; set LoRACallback(model_attr={inner!r}) to adapt that "
+                f"model with its type's default targets (and export an adapter that loads onto it)"
+            )
         inject(target, self.config)
         if first:
             trainable = {id(p) for p in target.parameters() if p.requires_grad}
@@ -486,8 +493,7 @@ def _warn_wrapped_transformers_model(pl_module: pl.LightningModule) -> None:
     """Without `model_attr` the export's keys start at the LightningModule (``base_model.model.model.model...``
     for a transformers model in ``self.model``): PEFT and transformers, loading it onto that model, would find
     none of its keys and run the bare base."""
-    name = next((n for n, m in pl_module.named_children() if hasattr(m, "config") and hasattr(m, "save_pretrained")),
-                None)
+    name = _transformers_child(pl_module)
     if name is not None:
         rank_zero_warn(f"LoRA: the LightningModule holds a transformers model in `self.{name}`; set "
                        f"LoRACallback(model_attr={name!r}) so that the PEFT export loads onto that model (without it "
@@ -502,6 +508,11 @@ def _lightning_hparams(trainer: pl.Trainer) -> dict[str, Any]:
     merged = {**(module.hparams_initial if module._log_hyperparams else {}),
               **(data.hparams_initial if data is not None and data._log_hyperparams else {})}
     return {k: v for k, v in merged.items() if k != "_class_path"}
+
+
+def _transformers_child(module: nn.Module) -> str | None:
+    """The attribute of `module` holding a transformers model (``self.model``), if any."""
+    return next((n for n, m in module.named_children() if hasattr(m, "config") and hasattr(m, "save_pretrained")), None)
 
 
 def _fsdp_root(trainer: pl.Trainer) -> nn.Module | None:

@@ -118,6 +118,10 @@ def as_adapter_state(adapter: AdapterLike) -> AdapterState:
     """An `AdapterState` from a folder path, an `AdapterInfo` (its folder) or an `AdapterState` (as is)."""
     if isinstance(adapter, AdapterState):
         return adapter
+    if not isinstance(adapter, (str, os.PathLike, AdapterInfo)):
+        raise TypeError(f"an adapter is a folder, an AdapterInfo or an AdapterState, got {type(adapter).__name__}"
+                        + (": for a model's adapter pass AdapterState.from_model(model, adapter_name)"
+                           if isinstance(adapter, nn.Module) else ""))
     return AdapterState.load(adapter.path if isinstance(adapter, AdapterInfo) else adapter)
 
 

@@ -93,7 +93,8 @@ class LoRAConfig:
         dropout: dropout probability on the LoRA branch's input, in [0, 1).
         target_modules: which modules to wrap. A list of names, each matching a module path exactly or as a
             dotted suffix (``"c_attn"`` matches ``transformer.h.0.attn.c_attn``); a string, matched against
-            whole paths with ``re.fullmatch``; ``"all-linear"`` for every linear layer except the output head;
+            whole paths with ``re.fullmatch``; ``"all-linear"`` for every linear layer except the output head
+            (and ``nn.MultiheadAttention``'s ``out_proj``, which its forward reads but never calls);
             None to take the default for ``model.config.model_type``.
         exclude_modules: names or a regex, matched like ``target_modules``, removed from the targets.
         layers_to_transform: only the layers with these indices (an int or a list) among the modules a list of
@@ -292,6 +293,19 @@ class LoRAConfig:
         )
 
 
+def checked_config(config: LoRAConfig | None) -> LoRAConfig:
+    """`config`, or the default config for None; ConfigError for anything else (an adapter name or a dict
+    passed where the config goes)."""
+    if config is None:
+        return LoRAConfig()
+    if not isinstance(config, LoRAConfig):
+        raise ConfigError(
+            f"config must be a LoRAConfig or None, got {type(config).__name__} {config!r}: pass LoRAConfig(...) (or "
+            f"its fields as keyword arguments, e.g. r=8), and an adapter's name as adapter_name=..."
+        )
+    return config
+
+
 def matches(spec: list[str] | str | None, path: str) -> bool:
     """Whether module `path` is selected by `spec` (``target_modules``, ``exclude_modules``): a list of exact
     paths or dotted suffixes, or a regex string matched against the whole path. PEFT's rule."""
@@ -359,8 +373,10 @@ def _names_or_regex(name: str, value: Any) -> list[str] | str | None:
     if value is None:
         return None
     if isinstance(value, str):
-        if value == "all-linear":
-            return value
+        if value.lower() == "all-linear":  # PEFT's test is case-insensitive
+            return "all-linear"
+        if re.sub(r"[\s_]+", "-", value.strip().lower()) == "all-linear":
+            raise ConfigError(f"{name}={value!r} is not a keyword (it would be a regex matching nothing): write 'all-linear'")
         try:
             re.compile(value)
         except re.error as err:

@@ -15,7 +15,15 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .config import DEFAULT_TARGETS, PEFT_HEADS, ConfigError, LoRAConfig, is_saved_module, matches
+from .config import (
+    DEFAULT_TARGETS,
+    PEFT_HEADS,
+    ConfigError,
+    LoRAConfig,
+    checked_config,
+    is_saved_module,
+    matches,
+)
 from .layers import LoRALayer, LoRALinear, lora_class_for
 from .summary import LoRASummary, summarize
 
@@ -68,17 +76,18 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
     # modules_to_save are trained and saved whole, so nothing inside them is wrapped (as PEFT)
     skip = inside_lora + [p + "." for p in saved]
     bypassed = _bypassed_layers(model)
-    targets = []
+    targets, dropped = [], []  # dropped: matched, but excluded or part of modules_to_save
     for path, module in model.named_modules():
-        if not path or path in saved or any(path.startswith(p) for p in skip):
-            continue
-        if matches(config.exclude_modules, path):
+        if not path or any(path.startswith(p) for p in inside_lora):
             continue
         if all_linear:
             if module is head or path in bypassed or (lora_class_for(module) is not LoRALinear
                                                       and not isinstance(module, LoRALinear)):
                 continue
         elif not matches(spec, path) or not config.in_layers(path):
+            continue
+        if path in saved or any(path.startswith(p) for p in skip) or matches(config.exclude_modules, path):
+            dropped.append(path)
             continue
         if path in bypassed:
             raise ConfigError(
@@ -94,10 +103,16 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
                 f"(exclude_modules)" + (f" or name its linear sub-layers instead, e.g. {inner}" if inner else "")
             )
         targets.append(path)
+    if not targets and dropped:
+        raise ConfigError(
+            f"target_modules={spec!r} matches {len(dropped)} modules (e.g. {dropped[0]!r}), but exclude_modules="
+            f"{config.exclude_modules!r} and modules_to_save={config.modules_to_save!r} (trained whole, never wrapped) "
+            f"leave none of them to adapt; narrow those"
+        )
     if not targets:
         raise ConfigError(
             f"target_modules={spec!r} matches no module of {type(model).__name__}; candidate names: "
-            f"{_candidate_names(model)}"
+            f"{_candidate_names(model)}{_regex_hint(model, spec)}"
         )
     return targets
 
@@ -118,7 +133,7 @@ def inject(
     Pass a `LoRAConfig`, its fields as keyword arguments, or both (fields override). Injecting the same
     adapter again is a no-op; the same name with another config raises. Returns the parameter summary.
     """
-    config = config or LoRAConfig()
+    config = checked_config(config)
     config = resolve_config(model, config.replace(**fields) if fields else config)
     _check_name(adapter_name)
     registry = adapter_configs(model)
@@ -194,7 +209,7 @@ def same_adapter(model: nn.Module, a: LoRAConfig, b: LoRAConfig) -> bool:
 def set_adapter(model: nn.Module, adapter_name: str) -> None:
     """Make `adapter_name` the active adapter: used in forward and the only one that trains. Raises while an
     adapter is merged (the merged one would stay in the weights)."""
-    config = _config(model, adapter_name)
+    config = adapter_config(model, adapter_name)
     if any(layer.merged_adapters for _, layer in lora_layers(model)):
         raise RuntimeError("adapters are merged into the base weights; unmerge(model) before switching adapters")
     for param in model.parameters():
@@ -227,7 +242,7 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     """Remove adapter `adapter_name`; layers left with no adapter are replaced by their base layer. If it was
     the active adapter, the most recently injected remaining one becomes active."""
-    _config(model, adapter_name)
+    adapter_config(model, adapter_name)
     was_active = any(adapter_name in layer.active_adapters for _, layer in lora_layers(model))
     for path, layer in list(lora_layers(model)):
         if adapter_name in layer.lora_a:
@@ -370,10 +385,12 @@ def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def _config(model: nn.Module, adapter_name: str) -> LoRAConfig:
+def adapter_config(model: nn.Module, adapter_name: str) -> LoRAConfig:
+    """The config of adapter `adapter_name` of `model`; KeyError naming the adapters it has, if any."""
     registry = adapter_configs(model)
     if adapter_name not in registry:
-        raise KeyError(f"no adapter named {adapter_name!r}; the model has {list(registry) or 'none'}")
+        has = f"has {list(registry)}" if registry else "has none: inject(model, config) or load_adapter(model, dir) first"
+        raise KeyError(f"no adapter named {adapter_name!r}; the model {has}")
     return registry[adapter_name]
 
 
@@ -422,3 +439,12 @@ def _candidate_names(model: nn.Module) -> list[str]:
     names = {p.rsplit(".", 1)[-1] for p, m in model.named_modules()
              if p and p not in bypassed and lora_class_for(m) is not None}
     return sorted(names)
+
+
+def _regex_hint(model: nn.Module, spec: list[str] | str) -> str:
+    """Advice for a string meant as a module name: a string is a regex over whole paths, so it matches nothing."""
+    if not isinstance(spec, str) or not any(re.fullmatch(spec, name) for name in _leaf_names(model)):
+        return ""
+    return (f" (a string is a regular expression matched against whole module paths, as in PEFT: to match by "
+            f"name, pass a list, target_modules=[{spec!r}], or the regex {'.*' + spec!r})")
+

@@ -31,6 +31,7 @@ from torch import nn
 from . import quant
 from .config import PEFT_HEADS, ConfigError, LoRAConfig, is_saved_module
 from .inject import (
+    adapter_config,
     adapter_configs,
     extra_buffers,
     extra_trainable,
@@ -125,7 +126,7 @@ def adapter_dir(directory: str | os.PathLike, adapter_name: str = "default") -> 
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """The adapter's tensors under PEFT's keys: A, B (and DoRA magnitudes), plus modules_to_save (parameters
     and buffers, as PEFT saves them) and biases."""
-    config = adapter_configs(model)[adapter_name]
+    config = adapter_config(model, adapter_name)
     out = {}
     for path, layer in lora_layers(model):
         for kind, params in layer.named_children():
@@ -150,10 +151,7 @@ def save_adapter(
     `metadata` (string values) goes in the safetensors header as ``lightning_lora.<key>``; `card`, if given,
     is written as README.md. Each file is replaced atomically, weights first.
     """
-    registry = adapter_configs(model)
-    if adapter_name not in registry:
-        raise KeyError(f"no adapter named {adapter_name!r} to save; the model has {list(registry) or 'none'}")
-    config = registry[adapter_name]
+    config = adapter_config(model, adapter_name)
     base_model = base_model or config.base_model or _name_or_path(model)
     config = config.replace(base_model=base_model, task_type=task_type(model, config.modules_to_save, config.task_type))
     if config.target_modules == "all-linear":  # write the matched paths (as PEFT does): every reader finds the same
@@ -269,7 +267,14 @@ def validate_adapter(directory: str | os.PathLike) -> AdapterInfo:
     config. Returns what it found; raises AdapterError naming the problem."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise AdapterError(f"{directory} is not a folder holding an adapter")
+        hint = "" if directory.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+(@\S+)?", str(directory)) else (
+            f" (a Hub repo id? download it first: hub.pull({str(directory)!r}) or `lora-hub pull {directory}`)")
+        raise AdapterError(f"{directory} is not a folder holding an adapter{hint}")
+    named = sorted(p.name for p in directory.iterdir() if (p / CONFIG_NAME).is_file())
+    if named and not (directory / CONFIG_NAME).exists():
+        raise AdapterError(f"{directory} has no {CONFIG_NAME} but holds the named adapters {named} (PEFT saves an "
+                           f"adapter not named 'default' in <dir>/<name>): use {directory / named[0]}, or "
+                           f"load_adapter(model, dir, adapter_name={named[0]!r})")
     config = read_config(directory)
     weights = _weights_path(directory)
     header, metadata = read_header(weights)
@@ -521,7 +526,8 @@ def _check_keys(
         if unexpected:
             parts.append(f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
                          f"{_hint(unexpected[0])}")
-        raise AdapterError(f"{directory / WEIGHTS_NAME} does not fit this model: {'; '.join(parts)}")
+        raise AdapterError(f"{directory / WEIGHTS_NAME} does not fit this model: {'; '.join(parts)}"
+                           f"{_prefix_hint(missing, unexpected)}")
     for key in sorted(embedding_bases.keys() & found.keys()):
         base, shape = embedding_bases[key], list(found[key])
         if quant.is_quantized(base):
@@ -536,6 +542,25 @@ def _check_keys(
         if tuple(found[key]) != tuple(shape):
             raise AdapterError(f"{directory / WEIGHTS_NAME}: {key} has shape {list(found[key])}, the model "
                                f"needs {list(shape)} (an adapter for another base or rank?)")
+
+
+def _prefix_hint(missing: list[str], unexpected: list[str]) -> str:
+    """Advice when the adapter's keys and the model's differ only by a leading module path: the adapter was saved
+    from a model holding this one (``BertForSequenceClassification.bert``, a LightningModule's ``self.model``),
+    or from a part of it."""
+    if not missing or not unexpected:
+        return ""
+    need, have = missing[0][len(PREFIX):], unexpected[0][len(PREFIX):]
+    for outer, inner, keys, other in ((have, need, missing, unexpected), (need, have, unexpected, missing)):
+        extra = outer[:-len(inner)] if outer.endswith("." + inner) else None
+        if extra and {PREFIX + extra + k[len(PREFIX):] for k in keys} == set(other):
+            if other is unexpected:
+                return (f". Every adapter key has an extra leading {extra!r}: it was saved from a model that holds "
+                        f"this one as {extra[:-1]!r} (e.g. a task model around the encoder, or a LightningModule "
+                        f"exported without model_attr); load it into that model")
+            return (f". Every model key has an extra leading {extra!r}: the adapter was saved from the part of this "
+                    f"model at {extra[:-1]!r}; load it into that part")
+    return ""
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:

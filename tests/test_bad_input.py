@@ -292,6 +292,7 @@ def test_half_precision_adapter_loads(good_adapter, tmp_path):
     ({"dropout": -0.1}, r"dropout must be a number in \[0, 1\)"),
     ({"target_modules": []}, r"target_modules is an empty list"),
     ({"target_modules": "(unclosed"}, r"target_modules='\(unclosed' is not a valid regular expression"),
+    ({"target_modules": "all_linear"}, r"target_modules='all_linear' is not a keyword .*: write 'all-linear'"),
     ({"bias": "yes"}, r"bias must be 'none', 'all' or 'lora_only', got 'yes'"),
     ({"init": "zeros"}, r"init must be 'kaiming' or 'gaussian'"),
     ({"modules_to_save": False}, r"modules_to_save must be a list of module names"),
@@ -304,6 +305,10 @@ def test_half_precision_adapter_loads(good_adapter, tmp_path):
 def test_config_errors_name_the_field(fields, message):
     with pytest.raises(ConfigError, match=message):
         LoRAConfig(**fields)
+
+
+def test_all_linear_in_any_case_is_all_linear():
+    assert LoRAConfig(target_modules="ALL-Linear").target_modules == "all-linear"  # as PEFT reads it
 
 
 def test_one_module_to_save_is_a_list_of_one():

@@ -573,6 +573,18 @@ def test_transformers_model_without_model_attr_warns(tmp_path):
         fit(CausalLM(), tmp_path, [LoRACallback(r=2, target_modules=["c_attn"])], max_steps=1)
 
 
+def test_default_targets_without_model_attr_point_to_model_attr(tmp_path):
+    """Without model_attr nor target_modules the error said to set target_modules, after which the run trained
+    an adapter whose export does not load onto the model; the fix is model_attr, which also picks the defaults."""
+    module = CausalLM()
+    with pytest.raises(ConfigError, match=r"target_modules is not set, and CausalLM has no model type .* "
+                                          r"`self.model`; set LoRACallback\(model_attr='model'\)"):
+        LoRACallback(r=2).apply(module)
+    assert not list(lora_layers(module))
+    LoRACallback(r=2, model_attr="model").apply(module)
+    assert {p.rsplit(".", 1)[-1] for p, _ in lora_layers(module)} == {"c_attn"}
+
+
 def test_spawned_strategy_needs_apply_before_fit(tmp_path):
     """ddp_spawn trains in a new process and hands back only the tensors the module had: an adapter injected
     there would vanish from the user's module without a word. Refused; with `apply` first it comes back."""

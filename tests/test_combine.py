@@ -271,3 +271,12 @@ def test_saved_combination_loads_here_and_in_peft(adapters, tmp_path, method):
     theirs = PeftModel.from_pretrained(tiny_gpt2(), str(out)).eval()
     batch = token_batch()
     torch.testing.assert_close(model_output(ours, batch), model_output(theirs, batch), atol=1e-5, rtol=0)
+
+
+def test_a_model_in_place_of_an_adapter_says_how_to_take_its_adapter():
+    """combine([model_a, model_b], ...) failed in os.fspath ("expected str, bytes or os.PathLike object")."""
+    model = tiny_gpt2()
+    inject(model, LoRAConfig(r=2, target_modules=["c_attn"]))
+    with pytest.raises(TypeError, match=r"got GPT2LMHeadModel: .*AdapterState.from_model\(model, adapter_name\)"):
+        combine([model, model], [0.5, 0.5])
+    assert combine([AdapterState.from_model(model)] * 2, [0.5, 0.5]).config.r == 4

@@ -3,6 +3,8 @@ shows every public name."""
 
 from __future__ import annotations
 
+import ast
+import importlib.metadata
 import os
 import re
 import subprocess
@@ -86,3 +88,35 @@ def test_readme_shows_every_public_name(package):
     code = "\n".join(re.findall(r"```.*?```|`[^`\n]+`", readme, flags=re.DOTALL))  # code blocks and inline code
     unshown = [name for name in package.__all__ if not re.search(rf"\b{re.escape(name)}\b", code)]
     assert not unshown, f"README.md shows no {unshown} of {package.__name__}.__all__"
+
+
+def runtime_imports(package: Path) -> set[str]:
+    """Top-level names of the modules `package` imports, outside ``if TYPE_CHECKING:`` blocks."""
+    names = set()
+    for path in package.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
+                       and ast.unparse(node.test).endswith("TYPE_CHECKING") for n in ast.walk(node)}
+        for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
+            if isinstance(node, ast.Import):
+                names.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names.add(node.module.split(".")[0])
+    return names
+
+
+def test_every_runtime_import_is_a_declared_dependency():
+    """An import served only by another package's dependencies breaks when that package changes them
+    (huggingface_hub 1.x brings httpx, not the httpx2 that hub/api.py imports)."""
+    text = (EXAMPLES.parent / "pyproject.toml").read_text()
+    section = text[text.index("dependencies = ["):text.index("[project.scripts]")]  # and optional-dependencies
+    requirements = re.findall(r'"([A-Za-z0-9][A-Za-z0-9._-]*)[^"]*"', section)
+    declared = {re.sub(r"[-_.]+", "-", r).lower() for r in requirements}
+    own = {"lightning_lora", "hub"}
+    imported = set().union(*(runtime_imports(EXAMPLES.parent / p) for p in own)) - own - set(sys.stdlib_module_names)
+    providers = importlib.metadata.packages_distributions()
+    undeclared = {name: providers.get(name) for name in imported
+                  if not {re.sub(r"[-_.]+", "-", d).lower() for d in providers.get(name, [name])} & declared}
+    assert not undeclared, f"imported but not declared in pyproject.toml: {undeclared}"

@@ -433,3 +433,40 @@ def test_all_linear_names_the_stacked_expert_weights_it_leaves_frozen():
         warnings.simplefilter("error")  # nothing stacked in a dense model, nor in LoRA's own conv factors
         inject(tiny_llama(), LoRAConfig(target_modules="all-linear"))
         inject(nn.Sequential(nn.Conv1d(3, 4, 3), nn.Linear(2, 2)), LoRAConfig(target_modules="all-linear"))
+
+
+@pytest.mark.parametrize("config", ["other", {"r": 4, "target_modules": ["c_attn"]}], ids=["name", "dict"])
+def test_config_of_another_type_refused_with_the_fix(config):
+    """An adapter name or a dict where the config goes used to end in an AttributeError deep inside."""
+    from lightning_lora import LoRACallback
+
+    model = tiny_gpt2()
+    before = state_snapshot(model)
+    with pytest.raises(ConfigError, match=rf"config must be a LoRAConfig or None, got {type(config).__name__} .*adapter_name="):
+        inject(model, config)
+    with pytest.raises(ConfigError, match="config must be a LoRAConfig or None"):
+        LoRACallback(config)
+    assert_same_state(model, before)
+
+
+def test_string_target_explains_that_it_is_a_regex():
+    """target_modules="c_attn" (a YAML scalar, or a missing list) is a regex over whole paths and matches nothing,
+    while the message listed c_attn among the candidates without saying why."""
+    model = tiny_gpt2()
+    with pytest.raises(ConfigError, match=r"candidate names: \[.*'c_attn'.*\] \(a string is a regular expression "
+                                          r"matched against whole module paths.*target_modules=\['c_attn'\]"):
+        inject(model, LoRAConfig(target_modules="c_attn"))
+    with pytest.raises(ConfigError, match=r"'q_proj' matches no module of GPT2LMHeadModel; candidate names: \[[^]]*\]$"):
+        inject(model, LoRAConfig(target_modules="q_proj"))
+    assert not list(lora_layers(model))
+
+
+@pytest.mark.parametrize("fields", [{"exclude_modules": ["c_attn"]}, {"exclude_modules": r".*\.h\..*"},
+                                    {"modules_to_save": ["attn"]}], ids=["exclude", "exclude-regex", "saved"])
+def test_targets_all_excluded_says_so(fields):
+    """It said "matches no module" and listed c_attn among the candidates: the matches were all excluded."""
+    model = tiny_gpt2()
+    with pytest.raises(ConfigError, match=r"target_modules=\['c_attn'\] matches 2 modules \(e.g. "
+                                          r"'transformer.h.0.attn.c_attn'\), but exclude_modules=.* leave none"):
+        inject(model, LoRAConfig(target_modules=["c_attn"], **fields))
+    assert not list(lora_layers(model))

@@ -190,8 +190,20 @@ def test_validate_adapter_reports(adapter_path):
 
 def test_save_unknown_adapter_name(adapter_path):
     model, _ = _trained_gpt2()
-    with pytest.raises(KeyError, match="no adapter named 'x' to save; the model has \\['default'\\]"):
+    with pytest.raises(KeyError, match="no adapter named 'x'; the model has \\['default'\\]"):
         save_adapter(model, adapter_path, adapter_name="x")
+
+
+def test_save_without_any_adapter_says_how_to_add_one(adapter_path):
+    """A model without LoRA: save_adapter said only 'the model has none', AdapterState.from_model a bare 'default'."""
+    from lightning_lora import AdapterState
+
+    model = tiny_gpt2()
+    for call in (lambda: save_adapter(model, adapter_path), lambda: AdapterState.from_model(model)):
+        with pytest.raises(KeyError, match=r"no adapter named 'default'; the model has none: inject\(model, config\) "
+                                           r"or load_adapter\(model, dir\) first"):
+            call()
+    assert not adapter_path.exists() or not any(adapter_path.iterdir())
 
 
 def test_card_usage_names_the_class_that_loads_the_base(adapter_path):
@@ -262,3 +274,53 @@ def test_all_linear_export_reloads_where_leaf_names_would_not(adapter_path):
     fresh = build()
     load_adapter(fresh, adapter_path)
     assert torch.allclose(model_output(fresh, x), model_output(model, x), atol=1e-6)
+
+
+def test_folder_of_named_adapters_says_which_to_load(tmp_path):
+    """save_adapter(..., adapter_name="other") writes PEFT's <dir>/other; loading <dir> said only that it has no
+    adapter_config.json."""
+    model = tiny_gpt2()
+    inject(model, LoRAConfig(r=2, target_modules=["c_attn"]), "other")
+    save_adapter(model, tmp_path, adapter_name="other")
+    fresh = tiny_gpt2()
+    before = state_snapshot(fresh)
+    with pytest.raises(AdapterError, match=r"has no adapter_config.json but holds the named adapters \['other'\].*"
+                                           r"load_adapter\(model, dir, adapter_name='other'\)"):
+        load_adapter(fresh, tmp_path)
+    assert_same_state(fresh, before)
+    assert load_adapter(fresh, tmp_path, "other").r == 2
+
+
+def test_hub_repo_id_passed_as_folder_says_to_pull_it(tmp_path, monkeypatch):
+    """load_adapter(model, "team/my-task") (PEFT's from_pretrained habit) said only "not a folder"."""
+    monkeypatch.chdir(tmp_path)
+    model = tiny_gpt2()
+    with pytest.raises(AdapterError, match=r"team/my-task@\^1.0 is not a folder holding an adapter \(a Hub repo id\? "
+                                           r"download it first: hub.pull\('team/my-task@\^1.0'\)"):
+        load_adapter(model, "team/my-task@^1.0")
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "adapter").write_text("a file, not a repo id")
+    with pytest.raises(AdapterError, match=r"runs/adapter is not a folder holding an adapter$"):
+        load_adapter(model, "runs/adapter")
+    assert not list(lora_layers(model))
+
+
+def test_keys_shifted_by_a_module_path_say_which_model_to_load_into(tmp_path):
+    """An adapter saved from BertModel loaded into BertForSequenceClassification (or back) listed missing and
+    unexpected keys that differ only by 'bert.', without saying so."""
+    config = LoRAConfig(r=2, target_modules=["query", "value"])
+    encoder, task = tiny_bert_classifier().bert, tiny_bert_classifier()
+    inject(encoder, config)
+    save_adapter(encoder, tmp_path / "encoder")
+    inject(task, config)
+    save_adapter(task, tmp_path / "task")
+    fresh = tiny_bert_classifier()
+    before = state_snapshot(fresh)
+    with pytest.raises(AdapterError, match=r"Every model key has an extra leading 'bert.': the adapter was saved from "
+                                           r"the part of this model at 'bert'; load it into that part$"):
+        load_adapter(fresh, tmp_path / "encoder")
+    with pytest.raises(AdapterError, match=r"Every adapter key has an extra leading 'bert.': it was saved from a model "
+                                           r"that holds this one as 'bert' .*; load it into that model$"):
+        load_adapter(fresh.bert, tmp_path / "task")
+    assert_same_state(fresh, before)
+    load_adapter(fresh.bert, tmp_path / "encoder")
