@@ -504,6 +504,25 @@ def test_readme_with_broken_metadata_is_refused_before_upload(hub_server, tmp_pa
     api.upload_file(path_or_fileobj=fine, path_in_repo="README.md", repo_id=REPO)
 
 
+def test_card_metadata_json_cannot_hold_neither_crashes_nor_expands(hub_server):
+    """A date as a key becomes a string key (it was a 500 on every `model_info`); YAML aliases that expand past
+    100,000 values (a 300-byte "billion laughs" block was 22 MB of JSON per `model_info`, two more lines a
+    hundred times that) or into themselves are refused before upload and, committed anyway, give no card."""
+    api = HfApi(endpoint=hub_server.url)
+    api.create_repo(REPO)
+    api.upload_file(path_or_fileobj=b"---\n2024-05-01: released\n---\n", path_in_repo="README.md", repo_id=REPO)
+    assert api.model_info(REPO).card_data.to_dict() == {"2024-05-01": "released"}
+    laughs = "".join(f"{k}: &{k} [{', '.join([f'*{p}'] * 9)}]\n" for p, k in zip("abcdef", "bcdefg"))
+    for block in ["a: &a [x, x, x, x, x, x, x, x, x]\n" + laughs, "a: &a [1, *a]\n"]:
+        readme = f"---\n{block}---\n".encode()
+        with pytest.raises(ValueError, match="expands to more than 100000 values or 100 levels"):
+            api.upload_file(path_or_fileobj=readme, path_in_repo="README.md", repo_id=REPO)
+        line = {"key": "file", "value": {"content": base64.b64encode(readme).decode(), "path": "README.md"}}
+        payload = _ndjson({"key": "header", "value": {"summary": "unchecked"}}, line)
+        assert _raw(hub_server, "POST", f"/api/models/{REPO}/commit/main", payload)[0] == 200
+        assert api.model_info(REPO).card_data is None
+
+
 def test_expand_gives_each_entry_its_last_commit(hub_server):
     """``expand=True`` listings carry ``lastCommit``: the newest commit that changed the file, or anything in
     the folder, as of the revision listed; `HfFileSystem.modified` reads it."""
