@@ -121,11 +121,15 @@ class Repo:
         self.path, self.rtype, self.repo_id = path, rtype, repo_id
 
     # -- reading ---------------------------------------------------------------------------------------
+    def _gone(self) -> HubError:
+        """The answer when the repo's folder vanished since `Store.get`: it was deleted or moved meanwhile."""
+        return HubError(404, f"Repository {self.repo_id} not found", "RepoNotFound")
+
     def _read(self, name: str) -> dict:
         try:
             return read_json(self.path / name)
-        except FileNotFoundError:  # deleted since `Store.get`
-            raise HubError(404, f"Repository {self.repo_id} not found", "RepoNotFound") from None
+        except FileNotFoundError:
+            raise self._gone() from None
 
     @property
     def meta(self) -> dict:
@@ -151,7 +155,7 @@ class Repo:
         raise HubError(404, f"Revision {revision[:200]!r} not found in {self.repo_id}", "RevisionNotFound")
 
     def commit(self, commit_id: str) -> dict:
-        return {"id": commit_id, **read_json(self.path / "commits" / f"{commit_id}.json")}
+        return {"id": commit_id, **self._read(f"commits/{commit_id}.json")}
 
     def snapshot(self, revision: str) -> dict:
         """The commit that `revision` names, with its ``files``."""
@@ -239,6 +243,8 @@ class Repo:
             target.parent.mkdir(exist_ok=True)
             os.replace(tmp, target)
             return {"sha256": digest, "size": total, "sha1": sha1.hexdigest()}
+        except FileNotFoundError:  # no tmp/ or objects/ any more
+            raise self._gone() from None
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -248,7 +254,7 @@ class Repo:
         try:
             lock = open(self.path / "lock", "a+b")  # noqa: SIM115 - closed below; fails if the folder is gone
         except FileNotFoundError:
-            raise HubError(404, f"Repository {self.repo_id} not found", "RepoNotFound") from None
+            raise self._gone() from None
         with lock:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
             try:
