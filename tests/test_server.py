@@ -9,6 +9,7 @@ import hashlib
 import http.client
 import json
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -388,6 +389,18 @@ def test_malformed_chunk_size_is_400_not_500(hub_server, capfd):
     err = capfd.readouterr().err
     assert "Traceback" not in err and " 500" not in err
     assert len(HfApi(endpoint=hub_server.url).list_repo_commits(REPO)) == 1
+
+
+@pytest.mark.parametrize("length", ["-1", "1_0", "ten"])
+def test_content_length_that_is_not_a_byte_count_is_400(hub_server, length):
+    """Answered at once, without a token (validate-yaml needs none): a negative one had the server read the
+    connection until the client hung up, every byte kept in memory, with no answer."""
+    host, port = hub_server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        head = f"POST /api/validate-yaml HTTP/1.1\r\nHost: h\r\nContent-Length: {length}\r\n\r\n"
+        sock.sendall(head.encode() + b"x" * 100_000)
+        answer = sock.recv(4096).decode()
+    assert answer.startswith("HTTP/1.1 400") and f"Content-Length '{length}' is not a number of bytes" in answer
 
 
 def test_error_message_cannot_inject_headers(hub_server):
