@@ -391,6 +391,17 @@ def test_malformed_chunk_size_is_400_not_500(hub_server, capfd):
     assert len(HfApi(endpoint=hub_server.url).list_repo_commits(REPO)) == 1
 
 
+def test_deeply_nested_json_body_is_400_not_500(hub_server, capfd):
+    """JSON nested past Python's recursion limit, in a JSON body (validate-yaml takes one without a token) or a
+    commit line: 400 saying why, no traceback in the log."""
+    HfApi(endpoint=hub_server.url).create_repo(REPO)
+    deep = b'{"a":' * 100_000
+    for path in ("/api/validate-yaml", f"/api/models/{REPO}/commit/main"):
+        status, _, answer = _raw(hub_server, "POST", path, deep)
+        assert status == 400 and "maximum recursion depth exceeded" in json.loads(answer)["error"]
+    assert "Traceback" not in capfd.readouterr().err
+
+
 @pytest.mark.parametrize("length", ["-1", "1_0", "ten"])
 def test_content_length_that_is_not_a_byte_count_is_400(hub_server, length):
     """Answered at once, without a token (validate-yaml needs none): a negative one had the server read the

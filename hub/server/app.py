@@ -273,7 +273,7 @@ class Request(BaseHTTPRequestHandler):
     def json_body(self) -> dict:
         try:
             value = json.loads(b"".join(self.body(_JSON_LIMIT)) or b"{}")
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # the last: nested too deep
             raise HubError(400, f"request body is not valid JSON: {e}") from None
         if not isinstance(value, dict):
             raise HubError(400, "request body must be a JSON object")

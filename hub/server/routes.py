@@ -502,7 +502,7 @@ def _ndjson(req: Request, limit: int) -> Iterator[dict]:
 def _json_line(line: bytes) -> dict:
     try:
         item = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # the last: nested too deep
         raise HubError(400, f"commit payload line is not JSON: {e}") from None
     if not isinstance(item, dict) or not isinstance(item.get("value"), dict):
         raise HubError(400, "commit payload lines must be {'key': ..., 'value': {...}}")
