@@ -443,11 +443,15 @@ class Store:
         shutil.rmtree(gone, ignore_errors=True)
 
 
+def folders(files: Iterable[str]) -> set[str]:
+    """Every folder that holds one of `files` (``a`` and ``a/b`` for ``a/b/c``), in one pass over the paths."""
+    return {path[:i] for path in files for i, c in enumerate(path) if c == "/"}
+
+
 def _check_no_file_is_a_folder(files: dict) -> None:
     """409 if a path is both a file and a folder (``x`` and ``x/y``): git cannot hold that tree, the Hub refuses
     it, and a client downloading it would have to drop one of the two."""
-    folders = {path[:i] for path in files for i, c in enumerate(path) if c == "/"}
-    clash = min(folders.intersection(files), default=None)
+    clash = min(folders(files).intersection(files), default=None)
     if clash is not None:
         inside = min(p for p in files if p.startswith(clash + "/"))
         raise HubError(
