@@ -179,7 +179,7 @@ class Repo:
             parent = self.commit(commit["parents"][0]) if commit["parents"] else None
             now, before = commit["files"], parent["files"] if parent else {}
             changed = {p for p in now.keys() | before.keys() if now.get(p) != before.get(p)}
-            for path in [p for p in left if any(c == p or c.startswith(p + "/") for c in changed)]:
+            for path in left & (changed | folders(changed)):  # sets: each path against each file was quadratic
                 found[path] = commit
                 left.discard(path)
             if parent is None:
