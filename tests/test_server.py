@@ -9,6 +9,8 @@ import hashlib
 import http.client
 import json
 import os
+import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -390,6 +392,29 @@ def test_malformed_chunk_size_is_400_not_500(hub_server, capfd):
     assert len(HfApi(endpoint=hub_server.url).list_repo_commits(REPO)) == 1
 
 
+def test_deeply_nested_json_body_is_400_not_500(hub_server, capfd):
+    """JSON nested past Python's recursion limit, in a JSON body (validate-yaml takes one without a token) or a
+    commit line: 400 saying why, no traceback in the log."""
+    HfApi(endpoint=hub_server.url).create_repo(REPO)
+    deep = b'{"a":' * 100_000
+    for path in ("/api/validate-yaml", f"/api/models/{REPO}/commit/main"):
+        status, _, answer = _raw(hub_server, "POST", path, deep)
+        assert status == 400 and "maximum recursion depth exceeded" in json.loads(answer)["error"]
+    assert "Traceback" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("length", ["-1", "1_0", "ten"])
+def test_content_length_that_is_not_a_byte_count_is_400(hub_server, length):
+    """Answered at once, without a token (validate-yaml needs none): a negative one had the server read the
+    connection until the client hung up, every byte kept in memory, with no answer."""
+    host, port = hub_server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        head = f"POST /api/validate-yaml HTTP/1.1\r\nHost: h\r\nContent-Length: {length}\r\n\r\n"
+        sock.sendall(head.encode() + b"x" * 100_000)
+        answer = sock.recv(4096).decode()
+    assert answer.startswith("HTTP/1.1 400") and f"Content-Length '{length}' is not a number of bytes" in answer
+
+
 def test_error_message_cannot_inject_headers(hub_server):
     """A request value echoed in ``X-Error-Message`` with CR/LF in it must not end the header (response
     splitting); the JSON body keeps the message as it was."""
@@ -504,6 +529,25 @@ def test_readme_with_broken_metadata_is_refused_before_upload(hub_server, tmp_pa
     api.upload_file(path_or_fileobj=fine, path_in_repo="README.md", repo_id=REPO)
 
 
+def test_card_metadata_json_cannot_hold_neither_crashes_nor_expands(hub_server):
+    """A date as a key becomes a string key (it was a 500 on every `model_info`); YAML aliases that expand past
+    100,000 values (a 300-byte "billion laughs" block was 22 MB of JSON per `model_info`, two more lines a
+    hundred times that) or into themselves are refused before upload and, committed anyway, give no card."""
+    api = HfApi(endpoint=hub_server.url)
+    api.create_repo(REPO)
+    api.upload_file(path_or_fileobj=b"---\n2024-05-01: released\n---\n", path_in_repo="README.md", repo_id=REPO)
+    assert api.model_info(REPO).card_data.to_dict() == {"2024-05-01": "released"}
+    laughs = "".join(f"{k}: &{k} [{', '.join([f'*{p}'] * 9)}]\n" for p, k in zip("abcdef", "bcdefg"))
+    for block in ["a: &a [x, x, x, x, x, x, x, x, x]\n" + laughs, "a: &a [1, *a]\n"]:
+        readme = f"---\n{block}---\n".encode()
+        with pytest.raises(ValueError, match="expands to more than 100000 values or 100 levels"):
+            api.upload_file(path_or_fileobj=readme, path_in_repo="README.md", repo_id=REPO)
+        line = {"key": "file", "value": {"content": base64.b64encode(readme).decode(), "path": "README.md"}}
+        payload = _ndjson({"key": "header", "value": {"summary": "unchecked"}}, line)
+        assert _raw(hub_server, "POST", f"/api/models/{REPO}/commit/main", payload)[0] == 200
+        assert api.model_info(REPO).card_data is None
+
+
 def test_expand_gives_each_entry_its_last_commit(hub_server):
     """``expand=True`` listings carry ``lastCommit``: the newest commit that changed the file, or anything in
     the folder, as of the revision listed; `HfFileSystem.modified` reads it."""
@@ -523,6 +567,38 @@ def test_expand_gives_each_entry_its_last_commit(hub_server):
     assert api.list_repo_tree(REPO).__next__().last_commit is None  # not asked for: not computed
     commits = {c.commit_id: c.created_at for c in api.list_repo_commits(REPO)}
     assert HfFileSystem().modified(f"{REPO}/d/a.txt") == commits[first.oid]
+
+
+def test_paths_info_for_many_paths_is_linear(hub_server):
+    """Any reader may ask about 100,000s of paths at once: each was compared with every file of the revision
+    (a 1 MB form on a 2,000-file repo held the server 50 s); now one set lookup each."""
+    HfApi(endpoint=hub_server.url).create_repo(REPO)
+    files = [{"key": "file", "value": {"path": f"d{i}/f.txt", "content": "eA=="}} for i in range(300)]
+    payload = _ndjson({"key": "header", "value": {"summary": "many"}}, *files)
+    assert _raw(hub_server, "POST", f"/api/models/{REPO}/commit/main", payload)[0] == 200
+    form = "&".join(["paths=nope"] * 150_000 + ["paths=d7", "paths=d7/f.txt"]).encode()
+    start = time.monotonic()
+    status, _, answer = _raw(hub_server, "POST", f"/api/models/{REPO}/paths-info/main", form)
+    assert time.monotonic() - start < 3
+    assert status == 200 and [(e["type"], e["path"]) for e in json.loads(answer)] == [
+        ("directory", "d7"),
+        ("file", "d7/f.txt"),
+    ]
+
+
+def test_expand_on_a_large_repo_is_linear(hub_server):
+    """``lastCommit`` for every entry of a 5,000-file listing: each entry was compared with each changed file
+    of each commit (quadratic: 6 s here, 10x the files 100x that); now set lookups."""
+    api = HfApi(endpoint=hub_server.url)
+    api.create_repo(REPO)
+    repo = hub_server.store.get("model", REPO)
+    blob = {**repo.put_blob([b"x"], 1, 1), "lfs": False}
+    adds = {f"d{i % 100}/f{i}.txt": blob for i in range(5000)}
+    head = repo.commit_changes("main", title="many", message="", author="local", adds=adds)
+    start = time.monotonic()
+    listing = list(api.list_repo_tree(REPO, recursive=True, expand=True))
+    assert time.monotonic() - start < 3
+    assert len(listing) == 5101 and {e.last_commit.oid for e in listing if e.path != ".gitattributes"} == {head}
 
 
 def test_move_repo(hub_token):

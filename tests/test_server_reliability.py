@@ -170,6 +170,38 @@ def test_client_dying_mid_upload_changes_nothing(hub_server, tmp_path):
     assert _version_at(api, REPO, "v1.0.0", tmp_path / "c") == 1
 
 
+@pytest.mark.parametrize("gone", ["move", "delete"])
+def test_repo_moved_or_deleted_mid_upload_is_404_not_500(hub_server, gone):
+    """A commit and an LFS upload whose repo is moved or deleted while their bodies arrive: 404 RepoNotFound,
+    as for a request that came later (it was a 500, "internal server error"), and the repo stays whole."""
+    api = HfApi(endpoint=hub_server.url)
+    api.create_repo(REPO)
+    content = os.urandom(2_000_000)
+    line = {"key": "file", "value": {"path": "w.bin", "content": base64.b64encode(content).decode()}}
+    header = {"key": "header", "value": {"summary": "x"}}
+    commit = b"".join(json.dumps(i).encode() + b"\n" for i in [header, line])
+    href = _lfs_upload_href(hub_server.url, hashlib.sha256(content).hexdigest(), len(content))
+    host, port = hub_server.url.removeprefix("http://").split(":")
+    sockets, uploads = [], [(f"POST /api/models/{REPO}/commit/main", commit), (f"PUT {href.split(port)[1]}", content)]
+    for head, body in uploads:
+        sock = socket.create_connection((host, int(port)), timeout=10)
+        request = f"{head} HTTP/1.1\r\nHost: h\r\nContent-Length: {len(body)}\r\n\r\n"
+        sock.sendall(request.encode() + body[:1000])
+        sockets.append((sock, body[1000:]))
+    tmp = hub_server.root / "repos" / "model" / "team" / "adapter" / "tmp"
+    while not list(tmp.iterdir()):  # the LFS upload is being written: both handlers are past their checks
+        time.sleep(0.01)
+    api.move_repo(REPO, "team/moved") if gone == "move" else api.delete_repo(REPO)
+    for sock, rest in sockets:
+        sock.sendall(rest)
+        answer = sock.recv(4096).decode()
+        assert answer.startswith("HTTP/1.1 404") and "X-Error-Code: RepoNotFound" in answer, answer
+        sock.close()
+    if gone == "move":
+        assert len(api.list_repo_commits("team/moved")) == 1
+        api.upload_file(path_or_fileobj=content, path_in_repo="w.bin", repo_id="team/moved")
+
+
 def test_concurrent_pushes_land_whole_or_fail_cleanly(hub_server, tmp_path):
     api = HfApi(endpoint=hub_server.url)
     api.create_repo(REPO)

@@ -38,6 +38,7 @@ _JSON_LIMIT = 16 << 20
 _DRAIN_LIMIT = 1 << 20
 _CHUNK = 1 << 20
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+_LENGTH = re.compile(r"[0-9]{1,18}")
 _QUERY = re.compile(r"[?#]\S*")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 
@@ -153,15 +154,12 @@ class Request(BaseHTTPRequestHandler):
     def _dispatch(self) -> None:
         self._body_left: int | None = None
         self._chunked = "chunked" in self.headers.get("Transfer-Encoding", "").lower()
-        if not self._chunked:
-            try:
-                self._body_left = int(self.headers.get("Content-Length") or 0)
-            except ValueError:
-                self._body_left = 0
-                self.close_connection = True
+        length = (self.headers.get("Content-Length") or "0").strip()
         parsed = urlsplit(self.path)
         self.query = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
         try:
+            if not self._chunked:
+                self._body_left = self._content_length(length)
             try:
                 segments = [unquote(s, errors="strict") for s in parsed.path.split("/")[1:]]
             except UnicodeDecodeError:
@@ -178,6 +176,14 @@ class Request(BaseHTTPRequestHandler):
             self.send_error_json(HubError(500, "internal server error (see the server's log)"))
 
     do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = _dispatch
+
+    def _content_length(self, length: str) -> int:
+        """The announced body size; 400 (and the connection closed) for anything but digits: a negative one
+        would have the body read until the client hangs up, all of it in memory."""
+        if _LENGTH.fullmatch(length):
+            return int(length)
+        self.close_connection = True
+        raise HubError(400, f"Content-Length {length[:40]!r} is not a number of bytes")
 
     @property
     def hub(self) -> HubServer:
@@ -267,7 +273,7 @@ class Request(BaseHTTPRequestHandler):
     def json_body(self) -> dict:
         try:
             value = json.loads(b"".join(self.body(_JSON_LIMIT)) or b"{}")
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # the last: nested too deep
             raise HubError(400, f"request body is not valid JSON: {e}") from None
         if not isinstance(value, dict):
             raise HubError(400, "request body must be a JSON object")

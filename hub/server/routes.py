@@ -24,7 +24,7 @@ import yaml
 from huggingface_hub.repocard import REGEX_YAML_BLOCK
 
 from .names import REPO_TYPES, URL_PREFIX, check_path, check_ref_name, check_repo_id
-from .store import HubError, Repo, git_blob_sha1, lfs_pointer
+from .store import HubError, Repo, folders, git_blob_sha1, lfs_pointer
 
 if TYPE_CHECKING:
     from .app import Request
@@ -33,6 +33,8 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _LFS_JSON = "application/vnd.git-lfs+json"
 _SIGNATURE_TTL = 3600
 _CARD_LIMIT = 1 << 20  # a README.md read on every repo_info: bigger ones are not parsed for cardData
+_CARD_VALUES = 100_000  # values in a card once YAML aliases are expanded: more is an alias bomb
+_CARD_DEPTH = 100
 
 
 # -- shapes the client parses --------------------------------------------------------------------------------
@@ -172,9 +174,42 @@ def _front_matter(text: str) -> dict | None:
         data = yaml.safe_load(match.group(2))
     except yaml.YAMLError as e:
         raise ValueError(f"the YAML metadata block does not parse: {e}") from None
+    except RecursionError:  # PyYAML composes nested nodes recursively
+        raise ValueError(f"the YAML metadata block nests deeper than {_CARD_DEPTH} levels") from None
     if data is not None and not isinstance(data, dict):
         raise ValueError("the YAML metadata block must be a mapping (key: value lines)")
-    return data
+    return None if data is None else _json_ready(data)
+
+
+def _json_ready(card: dict) -> dict:
+    """`card` as JSON holds it: dates and other YAML-only values become strings, and so do keys JSON refuses
+    (a date). ValueError past `_CARD_VALUES` values or `_CARD_DEPTH` levels: YAML aliases (``&a`` ... ``*a``)
+    are shared, not copied, when loaded, so a few hundred bytes can expand to gigabytes of JSON, or without end
+    (an alias inside itself)."""
+    left = _CARD_VALUES
+
+    def plain(value: object, depth: int) -> object:
+        nonlocal left
+        left -= 1
+        if left < 0 or depth > _CARD_DEPTH:
+            raise ValueError(
+                f"the YAML metadata block expands to more than {_CARD_VALUES} values or {_CARD_DEPTH} levels "
+                "(through its aliases '*name'): write the values out"
+            )
+        if isinstance(value, dict):
+            return {_json_key(k): plain(v, depth + 1) for k, v in value.items()}
+        if isinstance(value, list):
+            return [plain(v, depth + 1) for v in value]
+        return value if value is None or isinstance(value, (str, int, float)) else str(value)
+
+    return plain(card, 0)
+
+
+def _json_key(key: object) -> str:
+    """A mapping key as `json.dumps` writes it (``1``, ``true``, ``null``), or str() of one it refuses."""
+    if isinstance(key, str):
+        return key
+    return json.dumps(key) if key is None or isinstance(key, (int, float)) else str(key)
 
 
 def _card_data(repo: Repo, files: dict) -> dict | None:
@@ -187,7 +222,7 @@ def _card_data(repo: Repo, files: dict) -> dict | None:
         card = _front_matter(repo.blob_path(entry["sha256"]).read_text(encoding="utf-8-sig"))
     except ValueError:  # UnicodeDecodeError too
         return None
-    return json.loads(json.dumps(card, default=str)) if card else None  # YAML dates become strings
+    return card or None
 
 
 def _strings(value: object) -> list[str]:
@@ -327,12 +362,13 @@ def list_tree(req: Request, rtype: str, repo_id: str, revision: str, path: str) 
 def paths_info(req: Request, rtype: str, repo_id: str, revision: str) -> None:
     repo = req.read_repo(rtype, repo_id)
     commit = repo.snapshot(revision)
-    form, out = req.form_body(), []
+    form, out, files = req.form_body(), [], commit["files"]
+    dirs = folders(files)  # once: scanning every file for every asked path was minutes for a 1 MB form
     for path in form.get("paths", []):
         path = check_path(path.strip("/"))
-        if path in commit["files"]:
-            out.append(_file_json(path, commit["files"][path]))
-        elif any(p.startswith(path + "/") for p in commit["files"]):
+        if path in files:
+            out.append(_file_json(path, files[path]))
+        elif path in dirs:
             out.append(_dir_json(path, commit["id"]))
     if form.get("expand", [""])[-1].lower() == "true":
         out = _expanded(repo, commit["id"], out)
@@ -467,7 +503,7 @@ def _ndjson(req: Request, limit: int) -> Iterator[dict]:
 def _json_line(line: bytes) -> dict:
     try:
         item = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # the last: nested too deep
         raise HubError(400, f"commit payload line is not JSON: {e}") from None
     if not isinstance(item, dict) or not isinstance(item.get("value"), dict):
         raise HubError(400, "commit payload lines must be {'key': ..., 'value': {...}}")

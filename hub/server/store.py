@@ -121,11 +121,15 @@ class Repo:
         self.path, self.rtype, self.repo_id = path, rtype, repo_id
 
     # -- reading ---------------------------------------------------------------------------------------
+    def _gone(self) -> HubError:
+        """The answer when the repo's folder vanished since `Store.get`: it was deleted or moved meanwhile."""
+        return HubError(404, f"Repository {self.repo_id} not found", "RepoNotFound")
+
     def _read(self, name: str) -> dict:
         try:
             return read_json(self.path / name)
-        except FileNotFoundError:  # deleted since `Store.get`
-            raise HubError(404, f"Repository {self.repo_id} not found", "RepoNotFound") from None
+        except FileNotFoundError:
+            raise self._gone() from None
 
     @property
     def meta(self) -> dict:
@@ -151,7 +155,7 @@ class Repo:
         raise HubError(404, f"Revision {revision[:200]!r} not found in {self.repo_id}", "RevisionNotFound")
 
     def commit(self, commit_id: str) -> dict:
-        return {"id": commit_id, **read_json(self.path / "commits" / f"{commit_id}.json")}
+        return {"id": commit_id, **self._read(f"commits/{commit_id}.json")}
 
     def snapshot(self, revision: str) -> dict:
         """The commit that `revision` names, with its ``files``."""
@@ -175,7 +179,7 @@ class Repo:
             parent = self.commit(commit["parents"][0]) if commit["parents"] else None
             now, before = commit["files"], parent["files"] if parent else {}
             changed = {p for p in now.keys() | before.keys() if now.get(p) != before.get(p)}
-            for path in [p for p in left if any(c == p or c.startswith(p + "/") for c in changed)]:
+            for path in left & (changed | folders(changed)):  # sets: each path against each file was quadratic
                 found[path] = commit
                 left.discard(path)
             if parent is None:
@@ -239,6 +243,8 @@ class Repo:
             target.parent.mkdir(exist_ok=True)
             os.replace(tmp, target)
             return {"sha256": digest, "size": total, "sha1": sha1.hexdigest()}
+        except FileNotFoundError:  # no tmp/ or objects/ any more
+            raise self._gone() from None
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -248,7 +254,7 @@ class Repo:
         try:
             lock = open(self.path / "lock", "a+b")  # noqa: SIM115 - closed below; fails if the folder is gone
         except FileNotFoundError:
-            raise HubError(404, f"Repository {self.repo_id} not found", "RepoNotFound") from None
+            raise self._gone() from None
         with lock:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
             try:
@@ -437,11 +443,15 @@ class Store:
         shutil.rmtree(gone, ignore_errors=True)
 
 
+def folders(files: Iterable[str]) -> set[str]:
+    """Every folder that holds one of `files` (``a`` and ``a/b`` for ``a/b/c``), in one pass over the paths."""
+    return {path[:i] for path in files for i, c in enumerate(path) if c == "/"}
+
+
 def _check_no_file_is_a_folder(files: dict) -> None:
     """409 if a path is both a file and a folder (``x`` and ``x/y``): git cannot hold that tree, the Hub refuses
     it, and a client downloading it would have to drop one of the two."""
-    folders = {path[:i] for path in files for i, c in enumerate(path) if c == "/"}
-    clash = min(folders.intersection(files), default=None)
+    clash = min(folders(files).intersection(files), default=None)
     if clash is not None:
         inside = min(p for p in files if p.startswith(clash + "/"))
         raise HubError(
