@@ -54,7 +54,8 @@ class LoRACallback(Callback):
             which is how LightningCLI's YAML sets them (see `LoRAConfig` for their meaning).
         adapter_dir: if set, every checkpoint save and the end of training write the adapter in PEFT's format
             to ``<adapter_dir>/last``, and to ``<adapter_dir>/best`` when ModelCheckpoint's best changes
-            (atomically, global rank 0 only, with a model card; not in a ``fast_dev_run``).
+            (atomically, global rank 0 only, with a model card; not in a ``fast_dev_run``). With a WeightAveraging
+            callback (EMA, SWA) listed after this one, the averaged weights, as its checkpoints hold them.
         model_attr: the attribute of the LightningModule holding the model to adapt (e.g. ``"model"`` for a
             transformers model in ``self.model``, whose ``config.model_type`` then picks default targets, and
             whose PEFT export then loads into that transformers class), or a dotted path to it
@@ -325,7 +326,7 @@ class LoRACallback(Callback):
             return
         with _whole_parameters(trainer, self._target(pl_module)):
             if trainer.is_global_zero:
-                self._write_export(trainer, pl_module, name, metric)
+                self._write_export(trainer, _averaged_module(trainer) or pl_module, name, metric)
 
     def _write_export(self, trainer: pl.Trainer, pl_module: pl.LightningModule, name: str,
                       metric: tuple[str, float] | None) -> None:
@@ -618,6 +619,20 @@ def _check_record(record: dict[str, Any], config: LoRAConfig, base_fingerprint: 
     if record.get("fingerprint") != base_fingerprint:
         raise ConfigError(f"{ckpt_path} was trained on another base model: the adapted layers' names or shapes "
                           f"differ from this model's; load the base it was trained on")
+
+
+def _averaged_module(trainer: pl.Trainer) -> nn.Module | None:
+    """The averaged copy of the module that a WeightAveraging callback (EMA, SWA) keeps during fit, else None.
+    Its checkpoints hold that copy's weights as the model's (the live ones go to ``current_model_state``) and it
+    copies them into the module when training ends, so the exports must carry them too. (Lightning keeps the copy
+    in the private ``_average_model``, an ``AveragedModel`` whose ``module`` holds the injected adapter.)"""
+    try:
+        from lightning.pytorch.callbacks import WeightAveraging  # Lightning >= 2.6
+    except ImportError:
+        return None
+    averaging = next((cb for cb in trainer.callbacks if isinstance(cb, WeightAveraging)), None)
+    average = getattr(averaging, "_average_model", None)
+    return average.module if average is not None else None
 
 
 def _check_sharded_injection(pl_module: nn.Module) -> None:

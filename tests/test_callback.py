@@ -673,3 +673,25 @@ def test_weight_averaging_listed_before_lora_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"EMAWeightAveraging is listed before LoRACallback .* list LoRACallback "
                                           r"first"):
         fit(CausalLM(), tmp_path, [EMAWeightAveraging(), LoRACallback(r=2, model_attr="model")], max_steps=1)
+
+
+def test_ema_weight_averaging_exports_the_averaged_weights(tmp_path):
+    """With EMAWeightAveraging, `last` and `best` held the live weights, while the checkpoint (and the module after
+    fit) held the averaged ones: the exported adapter was not the model that was validated and kept."""
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val_loss")
+    module = CausalLM()
+    callbacks = [LoRACallback(r=2, model_attr="model", adapter_dir=tmp_path / "ad"), EMAWeightAveraging(decay=0.5),
+                 checkpoint]
+    fit(module, tmp_path, callbacks, max_epochs=1)
+    saved = torch.load(checkpoint.best_model_path, weights_only=True)
+    live = {k: v for k, v in saved["current_model_state"].items() if "lora_B" in k}
+    assert all(not torch.allclose(v, saved["state_dict"][k]) for k, v in live.items())  # averaging differs
+    for name in ("last", "best"):
+        exported = CausalLM().model
+        load_adapter(exported, tmp_path / "ad" / name)
+        averaged = adapter_state_dict(module.model)  # the module holds the average after fit
+        assert adapter_state_dict(exported).keys() == averaged.keys()
+        for key, value in adapter_state_dict(exported).items():
+            torch.testing.assert_close(value, averaged[key], rtol=0, atol=0)
