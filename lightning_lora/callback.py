@@ -36,7 +36,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from .config import ConfigError, LoRAConfig, checked_config
-from .inject import adapter_configs, extra_buffers, inject, lora_layers
+from .inject import adapter_configs, extra_buffers, inject, lora_layers, resolve_config, same_adapter
 from .io import WRAPPER_SEGMENTS, architecture, atomic_write, fingerprint, remove_stale_temps, save_adapter
 from .summary import LoRASummary, summarize
 
@@ -142,7 +142,6 @@ class LoRACallback(Callback):
         `setup` calls it; call it yourself before `fit` with ``ddp_spawn`` or FSDP2, and before loading
         weights outside a Trainer."""
         target = self._target(module)
-        first = "default" not in adapter_configs(target)
         inner = _transformers_child(module) if self.model_attr is None else None
         if inner and self.config.target_modules is None and not hasattr(module, "config"):
             raise ConfigError(
@@ -150,12 +149,14 @@ class LoRACallback(Callback):
                 f"holds a transformers model in `self.{inner}`; set LoRACallback(model_attr={inner!r}) to adapt that "
                 f"model with its type's default targets (and export an adapter that loads onto it)"
             )
+        _check_existing_adapter(target, self.config)
         inject(target, self.config)
-        if first:
+        if not any(isinstance(h, _IgnoreFrozenMissing) for h in module._load_state_dict_post_hooks.values()):
+            # first time for this module (its adapter may have been loaded before: load_adapter freezes only the
+            # model it loads into)
             trainable = {id(p) for p in target.parameters() if p.requires_grad}
             for param in module.parameters():
                 param.requires_grad_(id(param) in trainable)
-        if not any(isinstance(h, _IgnoreFrozenMissing) for h in module._load_state_dict_post_hooks.values()):
             hook = _IgnoreFrozenMissing()
             module._register_load_state_dict_pre_hook(hook.remember_prefix)  # public only from torch 2.5
             module.register_load_state_dict_post_hook(hook)
@@ -608,13 +609,34 @@ def _check_averaging_order(trainer: pl.Trainer, callback: LoRACallback) -> None:
                           f"adapter; list LoRACallback first")
 
 
+def _check_existing_adapter(target: nn.Module, config: LoRAConfig) -> None:
+    """Refuse to train an adapter the model already holds (``load_adapter`` before fit) under another config:
+    `inject` would raise, advising an adapter name the callback does not take."""
+    existing = adapter_configs(target).get("default")
+    if existing is None:
+        return
+    wanted = resolve_config(target, config)
+    if not same_adapter(target, existing, wanted):
+        diff = _differences(existing.to_dict(), wanted.to_dict(), "in the model", "in LoRACallback")
+        raise ConfigError(
+            f"the model already holds adapter 'default' (loaded with load_adapter?) with another config "
+            f"({diff}); to continue training it, give LoRACallback its config "
+            f"(LoRACallback(validate_adapter(folder).config, ...)), or delete_adapter(model, 'default') to train a "
+            f"new one"
+        )
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any], old_label: str, new_label: str) -> str:
+    """The fields on which two `LoRAConfig.to_dict`s differ, for error messages (not the base model's name, nor
+    ``fan_in_fan_out``, which injection detects)."""
+    return "; ".join(f"{k}: {old.get(k)!r} {old_label}, {new[k]!r} {new_label}" for k in sorted(new)
+                     if k not in ("base_model", "fan_in_fan_out") and old.get(k, new[k]) != new[k])
+
+
 def _check_record(record: dict[str, Any], config: LoRAConfig, base_fingerprint: str, ckpt_path: Any) -> None:
-    saved = record.get("config", {})
-    now = config.to_dict()
-    diff = [f"{k}: {saved.get(k)!r} in the checkpoint, {now[k]!r} now" for k in sorted(now)
-            if k != "base_model" and saved.get(k, now[k]) != now[k]]
+    diff = _differences(record.get("config", {}), config.to_dict(), "in the checkpoint", "now")
     if diff:
-        raise ConfigError(f"{ckpt_path} was written with another LoRA config ({'; '.join(diff)}); resume with the "
+        raise ConfigError(f"{ckpt_path} was written with another LoRA config ({diff}); resume with the "
                           f"same LoRACallback settings, or start a new run without ckpt_path")
     if record.get("fingerprint") != base_fingerprint:
         raise ConfigError(f"{ckpt_path} was trained on another base model: the adapted layers' names or shapes "

@@ -695,3 +695,31 @@ def test_ema_weight_averaging_exports_the_averaged_weights(tmp_path):
         assert adapter_state_dict(exported).keys() == averaged.keys()
         for key, value in adapter_state_dict(exported).items():
             torch.testing.assert_close(value, averaged[key], rtol=0, atol=0)
+
+
+def test_continue_training_a_loaded_adapter(tmp_path):
+    """An adapter loaded with load_adapter before fit: the callback with its config continues from it, but left
+    the module's parameters outside model_attr trainable (load_adapter freezes only its model); with another
+    config the error advised an adapter_name, which the callback does not take."""
+    from lightning_lora import validate_adapter
+
+    class WithExtra(CausalLM):
+        def __init__(self) -> None:
+            super().__init__()
+            self.extra = nn.Linear(4, 4)
+
+    callback = LoRACallback(r=2, alpha=4, target_modules=["c_attn"], model_attr="model", adapter_dir=tmp_path / "a")
+    fit(WithExtra(), tmp_path, [callback], max_steps=2)
+    module = WithExtra()
+    load_adapter(module.model, tmp_path / "a" / "last")
+    loaded = {k: v.clone() for k, v in adapter_state_dict(module.model).items()}
+    with pytest.raises(ConfigError, match=r"already holds adapter 'default' \(loaded with load_adapter\?\) with "
+                                          r"another config \(alpha: 4.0 in the model, 16.0 in LoRACallback; r: 2 in "
+                                          r"the model, 8 in LoRACallback\); to continue training it, give "
+                                          r"LoRACallback its config"):
+        fit(module, tmp_path, [LoRACallback(model_attr="model")], max_steps=1)
+    config = validate_adapter(tmp_path / "a" / "last").config
+    fit(module, tmp_path, [LoRACallback(config, model_attr="model")], max_steps=1)
+    assert set(trainable(module)) == {n for n, _ in module.named_parameters() if "lora_" in n}  # not `extra`
+    for key, value in adapter_state_dict(module.model).items():  # one Adam step (lr 0.05) from the loaded weights
+        assert 0 < (value - loaded[key]).abs().max() <= 0.05 + 1e-6
