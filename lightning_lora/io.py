@@ -333,7 +333,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
 
     All-or-nothing: every key, shape, dtype and value is checked against the model before it changes, and
     any missing, unexpected or mis-shaped key, a different base (fingerprint), a non-finite value or a
-    corrupt file raises AdapterError naming it, with the model untouched.
+    corrupt file raises AdapterError naming it, with the model untouched. The adapted layers keep the train /
+    eval mode of the layers they wrap.
 
     As in PEFT, the full base weight of a targeted embedding layer or output head (``<path>.base_layer.weight``,
     which PEFT's default ``save_embedding_layers="auto"`` saves beside the LoRA tensors) is loaded into that
@@ -346,7 +347,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     try:
         config = resolve_config(model, info.config)
         expected = _expected_shapes(model, config)
-        embedding_bases = _embedding_bases(model, find_targets(model, config))
+        paths = find_targets(model, config)
+        embedding_bases = _embedding_bases(model, paths)
     except ConfigError as err:
         raise AdapterError(f"{directory / CONFIG_NAME} does not fit this model: {err}") from None
     existing = adapter_configs(model).get(adapter_name)
@@ -362,10 +364,13 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
             raise AdapterError(f"{directory} was trained on a different base model (layer fingerprint differs)")
     tensors = _load_tensors(_weights_path(directory))
     if existing is None:
+        modes = {path: model.get_submodule(path).training for path in paths}
         try:  # its checks run before it changes anything
             inject(model, config, adapter_name)
         except ConfigError as err:
             raise AdapterError(f"{directory} cannot be loaded into this model: {err}") from None
+        for path, training in modes.items():  # new modules are in training mode: in an eval-mode model (as
+            model.get_submodule(path).train(training)  # from_pretrained returns it) the adapter's dropout would run
     targets = adapter_state_dict(model, adapter_name) | {k: m.weight for k, m in embedding_bases.items()}
     with torch.no_grad():
         for key, tensor in tensors.items():

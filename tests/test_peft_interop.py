@@ -389,3 +389,23 @@ def test_adapter_saving_a_head_refused_on_a_model_that_ties_it(adapter_path):
     with pytest.raises(AdapterError, match=r"cannot be loaded into this model: modules_to_save 'lm_head'.*tied"):
         load_adapter(tied, adapter_path)
     assert_same_state(tied, before)
+
+
+def test_adapter_with_dropout_loads_in_eval_mode(tmp_path):
+    """PEFT adapters usually carry lora_dropout (0.05, 0.1): loaded into an eval-mode model (as from_pretrained
+    returns it), the new LoRA layers were in training mode and applied that dropout to every inference, so the
+    outputs were random; PEFT and transformers load them in eval mode. `hub.merge` then reported the dropout's
+    noise as the merge's error."""
+    import hub
+
+    peft_model = peft.get_peft_model(tiny_gpt2(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"],
+                                                                  lora_dropout=0.3, fan_in_fan_out=True))
+    train_steps(peft_model, token_batch(), steps=2)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    model = tiny_gpt2()
+    load_adapter(model, tmp_path / "adapter")
+    assert not any(m.training for m in model.modules())
+    torch.testing.assert_close(model_output(model, token_batch()), model_output(peft_model, token_batch()),
+                               rtol=1e-5, atol=1e-5)
+    tiny_gpt2().save_pretrained(tmp_path / "base")
+    assert hub.merge(tmp_path / "adapter", tmp_path / "base", tmp_path / "merged").max_diff < 1e-5
