@@ -287,12 +287,14 @@ class LoRACallback(Callback):
         # Lightning skips Callback.on_save_checkpoint for weights-only saves (ModelCheckpoint(save_weights_only=
         # True), trainer.save_checkpoint(weights_only=True)); the module's hook always runs, after the callbacks'.
         # A callback after this one may have put a whole model back (EMAWeightAveraging writes its averaged copy):
-        # cut it down again.
+        # cut it down again; StochasticWeightAveraging keeps its whole averaged copy in its own state.
         if RECORD_KEY not in checkpoint:
             self.on_save_checkpoint(pl_module.trainer, pl_module, checkpoint)
-        target = self._target(pl_module)
-        checkpoint["state_dict"] = _adapter_only(pl_module, target, self.resolved_config(pl_module),
-                                                 checkpoint["state_dict"])
+        target, config = self._target(pl_module), self.resolved_config(pl_module)
+        checkpoint["state_dict"] = _adapter_only(pl_module, target, config, checkpoint["state_dict"])
+        for state in checkpoint.get("callbacks", {}).values():
+            if isinstance(state, dict) and isinstance(state.get("average_model_state"), dict):
+                state["average_model_state"] = _adapter_only(pl_module, target, config, state["average_model_state"])
 
     def _before_module_load(self, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         # The module's on_load_checkpoint runs right before its load_state_dict (the callbacks' only after it),

@@ -723,3 +723,21 @@ def test_continue_training_a_loaded_adapter(tmp_path):
     assert set(trainable(module)) == {n for n, _ in module.named_parameters() if "lora_" in n}  # not `extra`
     for key, value in adapter_state_dict(module.model).items():  # one Adam step (lr 0.05) from the loaded weights
         assert 0 < (value - loaded[key]).abs().max() <= 0.05 + 1e-6
+
+
+def test_stochastic_weight_averaging_checkpoints_stay_adapter_only_and_resume(tmp_path):
+    """StochasticWeightAveraging keeps a whole copy of the model in its callback state, which every checkpoint
+    held beside the adapter (the frozen base included). Cut down to the adapter, it still resumes."""
+    from lightning.pytorch.callbacks import StochasticWeightAveraging
+
+    def run(max_epochs, ckpt_path=None) -> L.Trainer:
+        callbacks = [LoRACallback(r=2, model_attr="model"), StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=1),
+                     ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1)]
+        return fit(CausalLM(), tmp_path, callbacks, ckpt_path=ckpt_path, max_epochs=max_epochs)
+
+    first = run(2)
+    saved = torch.load(tmp_path / "ckpt" / "epoch=1-step=8.ckpt", weights_only=True)
+    (average,) = [s["average_model_state"] for s in saved["callbacks"].values() if "average_model_state" in s]
+    assert set(average) == set(saved["state_dict"]) == set(trainable(first.lightning_module))
+    resumed = run(3, ckpt_path=tmp_path / "ckpt" / "epoch=1-step=8.ckpt")
+    assert resumed.global_step == 12
