@@ -38,6 +38,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from .config import ConfigError, LoRAConfig, checked_config
 from .inject import adapter_configs, extra_buffers, inject, lora_layers, resolve_config, same_adapter
 from .io import WRAPPER_SEGMENTS, architecture, atomic_write, fingerprint, remove_stale_temps, save_adapter
+from .quant import is_quantized
 from .summary import LoRASummary, summarize
 
 #: Where the primitive-only record of the LoRA config and base fingerprint lives in a `.ckpt`.
@@ -612,8 +613,9 @@ def _check_averaging_order(trainer: pl.Trainer, callback: LoRACallback) -> None:
 
 
 def _check_existing_adapter(target: nn.Module, config: LoRAConfig) -> None:
-    """Refuse to train an adapter the model already holds (``load_adapter`` before fit) under another config:
-    `inject` would raise, advising an adapter name the callback does not take."""
+    """Refuse to train an adapter the model already holds (``load_adapter`` before fit) under another config
+    (`inject` would raise, advising an adapter name the callback does not take), or as QLoRA on a full-precision
+    base (`inject` would keep the base as it is, in silence)."""
     existing = adapter_configs(target).get("default")
     if existing is None:
         return
@@ -625,6 +627,12 @@ def _check_existing_adapter(target: nn.Module, config: LoRAConfig) -> None:
             f"({diff}); to continue training it, give LoRACallback its config "
             f"(LoRACallback(validate_adapter(folder).config, ...)), or delete_adapter(model, 'default') to train a "
             f"new one"
+        )
+    if wanted.quantize and not all(is_quantized(layer.base_layer) for _, layer in lora_layers(target)):
+        raise ConfigError(
+            f"LoRACallback(quantize={wanted.quantize!r}), but the model's adapter 'default' (loaded with "
+            f"load_adapter?) sits on full-precision base layers, which cannot be quantized under it: call "
+            f"quantize_model(model, config) before load_adapter, or leave quantize out to train on the full base"
         )
 
 

@@ -700,7 +700,8 @@ def test_ema_weight_averaging_exports_the_averaged_weights(tmp_path):
 def test_continue_training_a_loaded_adapter(tmp_path):
     """An adapter loaded with load_adapter before fit: the callback with its config continues from it, but left
     the module's parameters outside model_attr trainable (load_adapter freezes only its model); with another
-    config the error advised an adapter_name, which the callback does not take."""
+    config the error advised an adapter_name, which the callback does not take; with quantize='nf4' it trained the
+    full-precision base."""
     from lightning_lora import validate_adapter
 
     class WithExtra(CausalLM):
@@ -719,6 +720,10 @@ def test_continue_training_a_loaded_adapter(tmp_path):
                                           r"LoRACallback its config"):
         fit(module, tmp_path, [LoRACallback(model_attr="model")], max_steps=1)
     config = validate_adapter(tmp_path / "a" / "last").config
+    with pytest.raises(ConfigError, match=r"LoRACallback\(quantize='nf4'\), but the model's adapter 'default' .* "
+                                          r"full-precision base layers, .* call quantize_model\(model, config\) "
+                                          r"before load_adapter"):  # it trained the full base, in silence
+        fit(module, tmp_path, [LoRACallback(config, quantize="nf4", model_attr="model")], max_steps=1)
     fit(module, tmp_path, [LoRACallback(config, model_attr="model")], max_steps=1)
     assert set(trainable(module)) == {n for n, _ in module.named_parameters() if "lora_" in n}  # not `extra`
     for key, value in adapter_state_dict(module.model).items():  # one Adam step (lr 0.05) from the loaded weights
