@@ -397,17 +397,19 @@ class _IgnoreFrozenMissing:
 
     Loaded as part of a larger module (``outer.load_state_dict``), the module's hook sees the whole load's missing
     keys, named from the outer module: its pre-hook half records the prefix the module is loaded under, so that
-    only this module's frozen keys are dropped, not its LoRA keys or other modules' keys."""
+    only this module's frozen keys are dropped, not its LoRA keys or other modules' keys. Prefix and keys are
+    compared without wrapper segments: FSDP loads the module under ``_fsdp_wrapped_module.`` but reports the
+    missing keys without it."""
 
     prefix = ""
 
     def remember_prefix(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        self.prefix = prefix
+        self.prefix = _clean(prefix)
 
     def __call__(self, module: nn.Module, incompatible: Any) -> None:
         trainable, prefix = _trainable_names(module), self.prefix
         incompatible.missing_keys[:] = [k for k in incompatible.missing_keys
-                                        if not k.startswith(prefix) or _clean(k[len(prefix):]) in trainable]
+                                        if not _clean(k).startswith(prefix) or _clean(k)[len(prefix):] in trainable]
 
 
 class _Chain:
