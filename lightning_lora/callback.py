@@ -81,8 +81,9 @@ class LoRACallback(Callback):
       callback sets ``strict_loading=False`` on the module (that strategy loads key by key, past the hook that
       ignores frozen keys) and checks the LoRA keys of ``ckpt_path`` itself. Exports gather only the LoRA tensors.
     - Refused with a clear error: ``use_orig_params=False`` (one flat parameter cannot mix trainable and frozen
-      tensors), ``state_dict_type="sharded"`` and ``save_distributed_checkpoint=True`` (resuming loads every key,
-      frozen ones included, through torch.distributed.checkpoint: Lightning #20274).
+      tensors), a ``quantize`` base under ``FSDPStrategy`` (nor packed 4-bit and float tensors; DDP and FSDP2 with
+      bitsandbytes train it), ``state_dict_type="sharded"`` and ``save_distributed_checkpoint=True`` (resuming
+      loads every key, frozen ones included, through torch.distributed.checkpoint: Lightning #20274).
     - Costs: Lightning builds every full checkpoint by gathering the whole model on rank 0 (on CPU) before the
       callback drops the frozen tensors; FSDPStrategy's exports do the same, and it allocates gradients for
       whole flat parameters, frozen base included (torch warns about it). FSDP2's exports gather only the LoRA
@@ -166,7 +167,7 @@ class LoRACallback(Callback):
                 "freeze the first's; adapt several models with one callback (model_attr=None, target_modules "
                 "naming layers in each, e.g. ['enc.0', 'dec.0'])"
             )
-        _check_fsdp_settings(trainer.strategy)
+        _check_fsdp_settings(trainer.strategy, self.config)
         if stage == "fit":
             _check_averaging_order(trainer, self)
         if isinstance(trainer.strategy, ModelParallelStrategy):
@@ -557,7 +558,7 @@ def _whole_parameters(trainer: pl.Trainer, target: nn.Module) -> Iterator[None]:
             module._parameters[name] = param
 
 
-def _check_fsdp_settings(strategy: Any) -> None:
+def _check_fsdp_settings(strategy: Any, config: LoRAConfig) -> None:
     """Refuse, before any work, FSDP settings under which LoRA cannot train or resume."""
     if isinstance(strategy, ModelParallelStrategy) and strategy._save_distributed_checkpoint:
         raise ConfigError(
@@ -572,6 +573,12 @@ def _check_fsdp_settings(strategy: Any) -> None:
             "FSDPStrategy(use_orig_params=False) cannot train LoRA: a flat parameter needs one requires_grad for "
             "all its tensors, and LoRA's A/B sit beside their frozen base weight. Use "
             "FSDPStrategy(use_orig_params=True) (Lightning's default)"
+        )
+    if config.quantize is not None:  # else torch fails inside the wrap ("Must flatten tensors with uniform dtype")
+        raise ConfigError(
+            f"FSDPStrategy cannot train LoRA on a quantize={config.quantize!r} base: a flat parameter holds one dtype, "
+            f"and the 4-bit base weights are packed (uint8, or torchao's NF4Tensor) beside float tensors. Use "
+            f"strategy='ddp', or ModelParallelStrategy (FSDP2) with quant_backend='bnb'"
         )
     if strategy._state_dict_type != "full":
         raise ConfigError(

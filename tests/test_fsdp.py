@@ -135,3 +135,13 @@ def test_fsdp_wrapped_module_loads_an_adapter_only_state_dict_strictly():
             assert all(torch.equal(fresh.get_parameter(_clean(k)), v) for k, v in saved.items())
     finally:
         torch.distributed.destroy_process_group()
+
+
+def test_fsdp_refuses_a_quantized_base_before_wrapping(tmp_path):
+    """torch's FSDP cannot flatten NF4 weights with float tensors; it failed inside the wrap with "Must flatten
+    tensors with uniform dtype" (bitsandbytes) or "aten.view(NF4Tensor)" (torchao)."""
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=CPUFSDPStrategy(), default_root_dir=tmp_path, logger=False)
+    module = CausalLM()
+    with pytest.raises(ConfigError, match=r"quantize='nf4' base.*Use strategy='ddp', or ModelParallelStrategy"):
+        LoRACallback(r=4, model_attr="model", quantize="nf4").setup(trainer, module, "fit")
+    assert not any("lora" in n for n, _ in module.named_parameters())
