@@ -170,6 +170,7 @@ class LoRACallback(Callback):
         _check_fsdp_settings(trainer.strategy, self.config)
         if stage == "fit":
             _check_averaging_order(trainer, self)
+            self._check_spawned_copy(trainer, pl_module)
         if isinstance(trainer.strategy, ModelParallelStrategy):
             # It loads a full checkpoint parameter by parameter, past the post-hook that lets frozen keys be
             # missing: let it skip them; `_before_module_load` then checks the LoRA keys, before any step.
@@ -179,14 +180,6 @@ class LoRACallback(Callback):
         if is_overridden("configure_model", pl_module):
             _chain(pl_module, "configure_model", self, "_after_configure_model")  # the model is built there
         else:
-            if stage == "fit" and isinstance(trainer.strategy.launcher, _MultiProcessingLauncher) and \
-                    not adapter_configs(self._target(pl_module)):
-                raise ConfigError(
-                    f"strategy {type(trainer.strategy).__name__} with start method "
-                    f"{trainer.strategy.launcher._start_method!r} trains copies of the module in new processes "
-                    f"and hands back only the tensors the module had before fit, so an adapter injected there "
-                    f"would be lost: call lora_callback.apply(module) before trainer.fit, or use strategy='ddp'"
-                )
             self._prepare(trainer, pl_module)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -271,6 +264,24 @@ class LoRACallback(Callback):
         self.apply(pl_module)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+
+    def _check_spawned_copy(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Refuse to inject into a spawned copy (ddp_spawn, ddp_fork) of a model the user's module holds: Lightning
+        hands back to it only the keys it had before fit, so the adapter would vanish without a word. Whether or
+        not `configure_model` is overridden: a model built in ``__init__`` comes back the same way."""
+        if not isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
+            return
+        try:
+            target = self._target(pl_module)
+        except ConfigError:  # built in configure_model, in the new processes only
+            return
+        if not adapter_configs(target):
+            raise ConfigError(
+                f"strategy {type(trainer.strategy).__name__} with start method "
+                f"{trainer.strategy.launcher._start_method!r} trains copies of the module in new processes "
+                f"and hands back only the tensors the module had before fit, so an adapter injected there "
+                f"would be lost: call lora_callback.apply(module) before trainer.fit, or use strategy='ddp'"
+            )
 
     def _after_configure_model(self, pl_module: pl.LightningModule) -> None:
         self._prepare(pl_module.trainer, pl_module)
