@@ -83,8 +83,9 @@ class LoRACallback(Callback):
       callback sets ``strict_loading=False`` on the module (that strategy loads key by key, past the hook that
       ignores frozen keys) and checks the LoRA keys of ``ckpt_path`` itself. Exports gather only the LoRA tensors.
     - Refused with a clear error: ``use_orig_params=False`` (one flat parameter cannot mix trainable and frozen
-      tensors), ``state_dict_type="sharded"`` and ``save_distributed_checkpoint=True`` (resuming loads every key,
-      frozen ones included, through torch.distributed.checkpoint: Lightning #20274).
+      tensors), a ``quantize`` base under ``FSDPStrategy`` (nor packed 4-bit and float tensors; DDP and FSDP2 with
+      bitsandbytes train it), ``state_dict_type="sharded"`` and ``save_distributed_checkpoint=True`` (resuming
+      loads every key, frozen ones included, through torch.distributed.checkpoint: Lightning #20274).
     - Costs: Lightning builds every full checkpoint by gathering the whole model on rank 0 (on CPU) before the
       callback drops the frozen tensors; FSDPStrategy's exports do the same, and it allocates gradients for
       whole flat parameters, frozen base included (torch warns about it). FSDP2's exports gather only the LoRA
@@ -176,9 +177,10 @@ class LoRACallback(Callback):
                 "freeze the first's; adapt several models with one callback (model_attr=None, target_modules "
                 "naming layers in each, e.g. ['enc.0', 'dec.0'])"
             )
-        _check_fsdp_settings(trainer.strategy)
+        _check_fsdp_settings(trainer.strategy, self.config)
         if stage == "fit":
             _check_averaging_order(trainer, self)
+            self._check_spawned_copy(trainer, pl_module)
         if isinstance(trainer.strategy, ModelParallelStrategy):
             # It loads a full checkpoint parameter by parameter, past the post-hook that lets frozen keys be
             # missing: let it skip them; `_before_module_load` then checks the LoRA keys, before any step.
@@ -188,14 +190,6 @@ class LoRACallback(Callback):
         if is_overridden("configure_model", pl_module):
             _chain(pl_module, "configure_model", self, "_after_configure_model")  # the model is built there
         else:
-            if stage == "fit" and isinstance(trainer.strategy.launcher, _MultiProcessingLauncher) and \
-                    not adapter_configs(self._target(pl_module)):
-                raise ConfigError(
-                    f"strategy {type(trainer.strategy).__name__} with start method "
-                    f"{trainer.strategy.launcher._start_method!r} trains copies of the module in new processes "
-                    f"and hands back only the tensors the module had before fit, so an adapter injected there "
-                    f"would be lost: call lora_callback.apply(module) before trainer.fit, or use strategy='ddp'"
-                )
             self._prepare(trainer, pl_module)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -280,6 +274,24 @@ class LoRACallback(Callback):
         self.apply(pl_module)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+
+    def _check_spawned_copy(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Refuse to inject into a spawned copy (ddp_spawn, ddp_fork) of a model the user's module holds: Lightning
+        hands back to it only the keys it had before fit, so the adapter would vanish without a word. Whether or
+        not `configure_model` is overridden: a model built in ``__init__`` comes back the same way."""
+        if not isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
+            return
+        try:
+            target = self._target(pl_module)
+        except ConfigError:  # built in configure_model, in the new processes only
+            return
+        if not adapter_configs(target):
+            raise ConfigError(
+                f"strategy {type(trainer.strategy).__name__} with start method "
+                f"{trainer.strategy.launcher._start_method!r} trains copies of the module in new processes "
+                f"and hands back only the tensors the module had before fit, so an adapter injected there "
+                f"would be lost: call lora_callback.apply(module) before trainer.fit, or use strategy='ddp'"
+            )
 
     def _after_configure_model(self, pl_module: pl.LightningModule) -> None:
         self._prepare(pl_module.trainer, pl_module)
@@ -409,17 +421,19 @@ class _IgnoreFrozenMissing:
 
     Loaded as part of a larger module (``outer.load_state_dict``), the module's hook sees the whole load's missing
     keys, named from the outer module: its pre-hook half records the prefix the module is loaded under, so that
-    only this module's frozen keys are dropped, not its LoRA keys or other modules' keys."""
+    only this module's frozen keys are dropped, not its LoRA keys or other modules' keys. Prefix and keys are
+    compared without wrapper segments: FSDP loads the module under ``_fsdp_wrapped_module.`` but reports the
+    missing keys without it."""
 
     prefix = ""
 
     def remember_prefix(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        self.prefix = prefix
+        self.prefix = _clean(prefix)
 
     def __call__(self, module: nn.Module, incompatible: Any) -> None:
         trainable, prefix = _trainable_names(module), self.prefix
         incompatible.missing_keys[:] = [k for k in incompatible.missing_keys
-                                        if not k.startswith(prefix) or _clean(k[len(prefix):]) in trainable]
+                                        if not _clean(k).startswith(prefix) or _clean(k)[len(prefix):] in trainable]
 
 
 class _Chain:
@@ -571,7 +585,7 @@ def _whole_parameters(trainer: pl.Trainer, target: nn.Module) -> Iterator[None]:
             module._parameters[name] = param
 
 
-def _check_fsdp_settings(strategy: Any) -> None:
+def _check_fsdp_settings(strategy: Any, config: LoRAConfig) -> None:
     """Refuse, before any work, FSDP settings under which LoRA cannot train or resume."""
     if isinstance(strategy, ModelParallelStrategy) and strategy._save_distributed_checkpoint:
         raise ConfigError(
@@ -586,6 +600,12 @@ def _check_fsdp_settings(strategy: Any) -> None:
             "FSDPStrategy(use_orig_params=False) cannot train LoRA: a flat parameter needs one requires_grad for "
             "all its tensors, and LoRA's A/B sit beside their frozen base weight. Use "
             "FSDPStrategy(use_orig_params=True) (Lightning's default)"
+        )
+    if config.quantize is not None:  # else torch fails inside the wrap ("Must flatten tensors with uniform dtype")
+        raise ConfigError(
+            f"FSDPStrategy cannot train LoRA on a quantize={config.quantize!r} base: a flat parameter holds one dtype, "
+            f"and the 4-bit base weights are packed (uint8, or torchao's NF4Tensor) beside float tensors. Use "
+            f"strategy='ddp', or ModelParallelStrategy (FSDP2) with quant_backend='bnb'"
         )
     if strategy._state_dict_type != "full":
         raise ConfigError(

@@ -3,8 +3,10 @@ every test file. Keep them tiny: the whole suite runs on 2 CPU cores."""
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -176,17 +178,22 @@ def point_hf_client(monkeypatch, url: str, home, token: str | None = None, xet: 
     monkeypatch.setattr(hf_api.api, "endpoint", url)  # the instance behind huggingface_hub.create_repo & co.
 
 
+def script_env() -> dict[str, str]:
+    """The environment for a test script run in a subprocess: tests/ for its imports, then this checkout, ahead of
+    any installed lightning_lora (an editable install of another checkout would otherwise be what it runs)."""
+    tests = Path(__file__).resolve().parent
+    return {**os.environ, "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONPATH": f"{tests}{os.pathsep}{tests.parent}"}
+
+
 def run_script(script, root, *args: str, timeout: float = 240):
     """Run a multi-process Lightning script (DDP / FSDP re-execute ``sys.argv`` for rank 1, which a pytest
     process cannot) as ``python script root *args`` in its own process group, killed whole if it outlives
     `timeout`. Returns the `subprocess.CompletedProcess`, stdout and stderr merged."""
-    import os
     import signal
     import subprocess
     import sys
-    from pathlib import Path
 
-    env = {**os.environ, "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONPATH": str(Path(script).parent)}
+    env = script_env()
     for var in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     proc = subprocess.Popen([sys.executable, str(script), str(root), *args], env=env, cwd=root,

@@ -585,12 +585,22 @@ def test_default_targets_without_model_attr_point_to_model_attr(tmp_path):
     assert {p.rsplit(".", 1)[-1] for p, _ in lora_layers(module)} == {"c_attn"}
 
 
+class BuildsInConfigureModel(CausalLM):
+    """The idempotent `configure_model` Lightning recommends; the model already exists (built in __init__)."""
+
+    def configure_model(self) -> None:
+        if self.model is None:
+            self.model = tiny_gpt2(0)
+
+
 def test_spawned_strategy_needs_apply_before_fit(tmp_path):
     """ddp_spawn trains in a new process and hands back only the tensors the module had: an adapter injected
     there would vanish from the user's module without a word. Refused; with `apply` first it comes back."""
     callback = LoRACallback(r=2, model_attr="model")
     with pytest.raises(Exception, match=r"call lora_callback.apply\(module\) before trainer.fit"):
         fit(CausalLM(), tmp_path, [callback], strategy="ddp_spawn", max_steps=1)
+    with pytest.raises(Exception, match=r"call lora_callback.apply\(module\) before trainer.fit"):
+        fit(BuildsInConfigureModel(), tmp_path, [callback], strategy="ddp_spawn", max_steps=1)  # model from __init__
     module = CausalLM()
     callback.apply(module)
     fit(module, tmp_path, [callback], strategy="ddp_spawn", max_steps=2)

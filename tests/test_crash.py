@@ -15,7 +15,7 @@ import lightning as L
 import pytest
 import torch
 from crash_script import callbacks
-from helpers import tiny_gpt2
+from helpers import script_env, tiny_gpt2
 from lit_models import CausalLM, trainer_kwargs
 
 from lightning_lora import load_adapter, validate_adapter
@@ -27,7 +27,7 @@ CASES = {"ckpt": 3, "adapter": 4}  # 3rd checkpoint write = step 2's; 4th adapte
 @pytest.fixture(scope="module")
 def killed(tmp_path_factory) -> dict[str, Path]:
     """Both crash runs, started together (imports dominate), each killed -9 once it stalls mid-write."""
-    env = {**os.environ, "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONPATH": str(SCRIPT.parent)}
+    env = script_env()
     runs = {}
     for where, n in CASES.items():
         root = tmp_path_factory.mktemp(f"crash-{where}")

@@ -15,9 +15,10 @@ from fsdp_script import TARGETS, CPUFSDPStrategy
 from helpers import run_script, tiny_gpt2
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lit_models import CausalLM, token_loader
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
 from lightning_lora import ConfigError, LoRACallback, LoRAConfig, inject, load_adapter, validate_adapter
-from lightning_lora.callback import RECORD_KEY
+from lightning_lora.callback import RECORD_KEY, _clean
 
 peft = pytest.importorskip("peft")
 SCRIPT = Path(__file__).with_name("fsdp_script.py")
@@ -106,3 +107,41 @@ def test_fsdp_settings_that_cannot_work_are_refused(tmp_path, strategy, message)
     with pytest.raises(ConfigError, match=message):
         LoRACallback(r=4, model_attr="model").setup(trainer, module, "fit")
     assert not any("lora" in n for n, _ in module.named_parameters())  # refused before touching the model
+
+
+def test_fsdp_wrapped_module_loads_an_adapter_only_state_dict_strictly():
+    """FSDP loads the LightningModule under ``_fsdp_wrapped_module.`` but reports missing keys without it: the
+    frozen keys must still be ignored (Lightning's FSDP resume is this load) and a missing LoRA key still fail."""
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+
+    trained, fresh = CausalLM(), CausalLM()
+    for module in (trained, fresh):
+        LoRACallback(r=4, model_attr="model").apply(module)
+    with torch.no_grad():
+        for param in trained.parameters():
+            param.add_(param.requires_grad)
+    saved = {k: v for k, v in trained.state_dict().items() if "lora_" in k}
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        model = FSDP(fresh, device_id=torch.device("cpu"), use_orig_params=True,
+                     auto_wrap_policy=ModuleWrapPolicy({GPT2Block}))
+        with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(offload_to_cpu=False)):
+            model.load_state_dict(saved)
+            with pytest.raises(RuntimeError, match=r"Missing key\(s\).*h\.1\.attn\.c_attn\.lora_B"):
+                model.load_state_dict({k: v for k, v in saved.items() if "h.1.attn.c_attn.lora_B" not in k})
+        with FSDP.summon_full_params(model):
+            assert all(torch.equal(fresh.get_parameter(_clean(k)), v) for k, v in saved.items())
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_fsdp_refuses_a_quantized_base_before_wrapping(tmp_path):
+    """torch's FSDP cannot flatten NF4 weights with float tensors; it failed inside the wrap with "Must flatten
+    tensors with uniform dtype" (bitsandbytes) or "aten.view(NF4Tensor)" (torchao)."""
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=CPUFSDPStrategy(), default_root_dir=tmp_path, logger=False)
+    module = CausalLM()
+    with pytest.raises(ConfigError, match=r"quantize='nf4' base.*Use strategy='ddp', or ModelParallelStrategy"):
+        LoRACallback(r=4, model_attr="model", quantize="nf4").setup(trainer, module, "fit")
+    assert not any("lora" in n for n, _ in module.named_parameters())
