@@ -40,6 +40,7 @@ from .inject import (
     output_head,
     resolve_config,
     same_adapter,
+    set_adapter,
 )
 from .layers import LoRALayer, lora_class_for
 
@@ -337,6 +338,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     directory = Path(directory)
     if adapter_name != "default" and (directory / adapter_name / CONFIG_NAME).is_file():
         directory = directory / adapter_name
+    if any(layer.merged_adapters for _, layer in lora_layers(model)):  # new values would not match the merged delta
+        raise AdapterError(f"the model has merged adapters; unmerge(model) before loading {directory}")
     info = validate_adapter(directory)
     try:
         config = resolve_config(model, info.config)
@@ -365,6 +368,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     with torch.no_grad():
         for key, tensor in tensors.items():
             targets[key].copy_(tensor)
+    set_adapter(model, adapter_name)  # inject activates a new adapter; an existing one may not be the active one
     return config
 
 

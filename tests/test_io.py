@@ -25,6 +25,7 @@ from lightning_lora import (
     inject,
     load_adapter,
     lora_layers,
+    merge,
     save_adapter,
     validate_adapter,
 )
@@ -131,6 +132,32 @@ def test_load_into_existing_adapter_overwrites_values(adapter_path):
     inject(fresh, LoRAConfig(r=4, alpha=8, target_modules=["c_attn"]))
     load_adapter(fresh, adapter_path)
     assert torch.equal(model_output(fresh, batch), model_output(model, batch))
+
+
+def test_load_into_existing_adapter_activates_it(adapter_path):
+    """Reloading an adapter that is not the active one makes it active, as loading a new one does."""
+    model, batch = _trained_gpt2()
+    save_adapter(model, adapter_path)
+    fresh = tiny_gpt2()
+    load_adapter(fresh, adapter_path)
+    inject(fresh, LoRAConfig(r=2, target_modules=["c_attn"]), adapter_name="other")
+    train_steps(fresh, batch)
+    load_adapter(fresh, adapter_path)
+    assert torch.equal(model_output(fresh, batch), model_output(model, batch))
+    assert [n for n, p in fresh.named_parameters() if p.requires_grad][0].endswith("lora_A.default")
+
+
+def test_load_into_merged_model_refused(adapter_path):
+    """The merged delta is the old A and B: new values under it would make unmerge leave a wrong base."""
+    model, batch = _trained_gpt2()
+    save_adapter(model, adapter_path)
+    merged = tiny_gpt2()
+    inject(merged, LoRAConfig(r=4, alpha=8, target_modules=["c_attn"]))
+    merge(train_steps(merged, batch, lr=0.2))
+    before = state_snapshot(merged)
+    with pytest.raises(AdapterError, match="has merged adapters; unmerge\\(model\\) before loading"):
+        load_adapter(merged, adapter_path)
+    assert_same_state(merged, before)
 
 
 def test_load_into_existing_adapter_spelled_otherwise(adapter_path):
