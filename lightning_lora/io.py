@@ -423,12 +423,14 @@ def adapter_file(directory: Path, name: str) -> Path:
 
 
 def _symlink_roots(directory: Path) -> list[Path]:
-    """Where an adapter file's symlink may point: into the folder, or, for a Hugging Face cache snapshot
-    (``<repo>/snapshots/<commit>/``), into that repo's ``<repo>/blobs/``."""
+    """Where an adapter file's symlink may point: into the folder, or, for a folder in a Hugging Face cache
+    snapshot (``<repo>/snapshots/<commit>/``, or a subfolder of it such as PEFT's ``<name>/`` for an adapter not
+    named default), into that repo's ``<repo>/blobs/``."""
     directory = directory.resolve()
     roots = [directory]
-    if directory.parent.name == "snapshots":
-        roots.append(directory.parent.parent / "blobs")
+    snapshot = next((d for d in (directory, *directory.parents) if d.parent.name == "snapshots"), None)
+    if snapshot is not None:
+        roots.append(snapshot.parent.parent / "blobs")
     return roots
 
 

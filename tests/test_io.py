@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -123,6 +124,27 @@ def test_non_default_adapter_in_subfolder(adapter_path):
     load_adapter(fresh, adapter_path, adapter_name="second")
     assert torch.equal(model_output(fresh, batch), model_output(model, batch))
     assert {n for _, layer in lora_layers(fresh) for n in layer.lora_a} == {"default", "second"}
+
+
+def test_named_adapter_from_a_hub_cache_snapshot(adapter_path, hub_server):
+    """PEFT's layout downloaded with snapshot_download: the subfolder's files are links into the repo's blobs,
+    as the top folder's are, and load."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    model, batch = _trained_gpt2()
+    inject(model, LoRAConfig(r=2, target_modules=["c_attn"]), adapter_name="second")
+    train_steps(model, batch)
+    save_adapter(model, adapter_path)
+    save_adapter(model, adapter_path, adapter_name="second")
+    HfApi().create_repo("team/multi")
+    HfApi().upload_folder(repo_id="team/multi", folder_path=adapter_path)
+    snapshot = snapshot_download("team/multi")
+    assert (Path(snapshot) / "second" / "adapter_model.safetensors").is_symlink()
+    fresh = tiny_gpt2()
+    load_adapter(fresh, snapshot)
+    load_adapter(fresh, snapshot, adapter_name="second")
+    assert torch.equal(model_output(fresh, batch), model_output(model, batch))
+    assert validate_adapter(Path(snapshot) / "second").config.r == 2
 
 
 def test_load_into_existing_adapter_overwrites_values(adapter_path):
