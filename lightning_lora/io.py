@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from . import quant
-from .config import PEFT_HEADS, ConfigError, LoRAConfig, is_saved_module
+from .config import PEFT_HEADS, ConfigError, LoRAConfig, is_saved_module, matches
 from .inject import (
     adapter_configs,
     extra_buffers,
@@ -295,6 +295,13 @@ def validate_adapter(directory: str | os.PathLike) -> AdapterInfo:
         r = config.rank_for(path)
         if a[0] != r or b[1] != r:
             raise AdapterError(f"{weights}: module {path!r} has rank {a[0]}x{b[1]} but adapter_config.json says r={r}")
+        if not _selects(config, path):
+            raise AdapterError(f"{weights}: module {path!r} has LoRA tensors but adapter_config.json's target_modules "
+                               f"{config.target_modules!r} (with its exclude_modules / layers_to_transform) does not "
+                               f"select it: the two files do not belong together")
+        if config.use_dora != ("lora_magnitude_vector" in kinds):
+            raise AdapterError(f"{weights}: module {path!r} {'lacks' if config.use_dora else 'has'} a DoRA magnitude "
+                               f"(lora_magnitude_vector) but adapter_config.json says use_dora={config.use_dora}")
     size = sum(p.stat().st_size for p in directory.iterdir() if p.is_file())
     return AdapterInfo(
         path=directory,
@@ -305,6 +312,15 @@ def validate_adapter(directory: str | os.PathLike) -> AdapterInfo:
         shapes=shapes,
         metadata=metadata,
     )
+
+
+def _selects(config: LoRAConfig, path: str) -> bool:
+    """Whether `config`'s target rule picks module `path`, as far as the path tells without the model: a
+    default (None) or ``"all-linear"`` depends on the model's layers, so they pass."""
+    if config.target_modules is None or config.target_modules == "all-linear":
+        return True
+    return (matches(config.target_modules, path) and config.in_layers(path)
+            and not matches(config.exclude_modules, path))
 
 
 def module_keys(keys: Iterable[str]) -> dict[str, dict[str, str]]:

@@ -250,6 +250,25 @@ def test_validate_adapter_reports(adapter_path):
     assert (adapter_path / "README.md").read_text() == "# card\n"
 
 
+@pytest.mark.parametrize(("edit", "message"), [
+    ({"use_dora": True}, r"module 'transformer.h.0.attn.c_attn' lacks a DoRA magnitude .* says use_dora=True"),
+    ({"target_modules": ["c_proj"]}, r"module 'transformer.h.0.attn.c_attn' has LoRA tensors but adapter_config"
+                                     r".json's target_modules \['c_proj'\] .* does not select it"),
+    ({"layers_to_transform": [1]}, r"module 'transformer.h.0.attn.c_attn' has LoRA tensors .* does not select it"),
+])
+def test_validate_refuses_what_load_refuses(adapter_path, edit, message):
+    """A config that does not describe its weights: validate_adapter (what push and pull check) refuses it as
+    load_adapter does, rather than accepting a folder that loads nowhere."""
+    model, _ = _trained_gpt2()
+    save_adapter(model, adapter_path)
+    config = json.loads((adapter_path / "adapter_config.json").read_text())
+    (adapter_path / "adapter_config.json").write_text(json.dumps({**config, **edit}))
+    with pytest.raises(AdapterError, match=message):
+        validate_adapter(adapter_path)
+    with pytest.raises(AdapterError, match=message):
+        load_adapter(tiny_gpt2(), adapter_path)
+
+
 def test_save_unknown_adapter_name(adapter_path):
     model, _ = _trained_gpt2()
     with pytest.raises(KeyError, match="no adapter named 'x' to save; the model has \\['default'\\]"):
