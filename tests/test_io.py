@@ -310,6 +310,24 @@ def test_card_usage_names_the_class_that_loads_the_base(adapter_path):
     assert "from transformers" not in card and "`lora-hub pull me/p`, then load it onto the model" in card
 
 
+@pytest.mark.parametrize(("base", "hub_id"), [("org/base-1.5", True), ("/models/llama", False),
+                                              ("./models/llama", False), ("~/models/llama", False)])
+def test_card_metadata_names_only_a_hub_base(adapter_path, base, hub_id):
+    """A base loaded from disk leaves its folder in _name_or_path; the Hub refuses a card whose base_model
+    metadata is a local path, so the YAML names only Hub ids (the text and the snippet still name the base)."""
+    from huggingface_hub import ModelCard
+
+    from lightning_lora import render_card
+
+    model, _ = _trained_gpt2()
+    card = render_card(validate_adapter(save_adapter(model, adapter_path, base_model=base)), repo_id="me/a")
+    data = ModelCard(card).data
+    assert data.library_name == "peft" and "lora" in data.tags
+    assert data.base_model == (base if hub_id else None)
+    assert (f"base_model:adapter:{base}" in data.tags) == hub_id
+    assert f"A LoRA adapter for `{base}`" in card and f'GPT2LMHeadModel.from_pretrained("{base}")' in card
+
+
 def test_pattern_order_survives_a_round_trip(adapter_path):
     """The first matching pattern key applies, so its order is part of the config: written as given (PEFT sorts
     it, and would reload this adapter with rank 2 for layer 1), read back the same, and a fresh inject of the
