@@ -99,6 +99,26 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def _folder_lock(directory: Path, shared: bool = False) -> Iterator[None]:
+    """Hold an advisory lock on the folder itself (``flock`` on its descriptor: no lock file is left behind):
+    saves take it exclusively, so that two saves to one folder cannot leave the weights of one beside the config
+    of the other; loads take it shared, so that they read the files of one save. Without ``flock`` (Windows) or
+    a readable folder, no lock."""
+    try:
+        import fcntl
+
+        fd = os.open(directory, os.O_RDONLY)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     """Write `text` to `path` atomically."""
     with atomic_write(path) as tmp:
@@ -188,12 +208,14 @@ def write_adapter(
     header.update({META + k: str(v) for k, v in (metadata or {}).items()})
     from safetensors.torch import save_file
 
-    with atomic_write(out / WEIGHTS_NAME) as tmp:
-        save_file(tensors, str(tmp), metadata=header)
-    # top-level keys sorted as PEFT writes them; pattern keys keep their order, which decides which one applies
-    write_text(out / CONFIG_NAME, json.dumps(dict(sorted(config.to_peft_dict().items())), indent=2) + "\n")
-    if card is not None:
-        write_text(out / CARD_NAME, card)
+    out.mkdir(parents=True, exist_ok=True)
+    with _folder_lock(out):
+        with atomic_write(out / WEIGHTS_NAME) as tmp:
+            save_file(tensors, str(tmp), metadata=header)
+        # top-level keys sorted as PEFT writes them; pattern keys keep their order, which decides which one applies
+        write_text(out / CONFIG_NAME, json.dumps(dict(sorted(config.to_peft_dict().items())), indent=2) + "\n")
+        if card is not None:
+            write_text(out / CARD_NAME, card)
     return out
 
 
@@ -356,7 +378,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
         directory = directory / adapter_name
     if any(layer.merged_adapters for _, layer in lora_layers(model)):  # new values would not match the merged delta
         raise AdapterError(f"the model has merged adapters; unmerge(model) before loading {directory}")
-    info = validate_adapter(directory)
+    with _folder_lock(directory, shared=True):  # the config and the weights of one save
+        info = validate_adapter(directory)
+        tensors = _load_tensors(_weights_path(directory))
     try:
         config = resolve_config(model, info.config)
         expected = _expected_shapes(model, config)
@@ -374,7 +398,6 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
         want = info.metadata.get(META + "fingerprint")
         if want and want != _fingerprint((p, _probe(model, p)) for p in find_targets(model, config)):
             raise AdapterError(f"{directory} was trained on a different base model (layer fingerprint differs)")
-    tensors = _load_tensors(_weights_path(directory))
     if existing is None:
         try:  # its checks run before it changes anything
             inject(model, config, adapter_name)

@@ -160,6 +160,43 @@ def test_named_adapter_from_a_hub_cache_snapshot(adapter_path, hub_server):
     assert validate_adapter(Path(snapshot) / "second").config.r == 2
 
 
+def _save_until(stop, model, directory):
+    while not stop.wait(0.002):  # a pause between saves, in which loads get the folder
+        save_adapter(model, directory)
+
+
+def test_concurrent_saves_and_loads_see_one_save(adapter_path):
+    """Two processes saving other adapters to one folder while a third loads it: every load gets the config
+    and the weights of one save, never one's weights under the other's alpha (a silently wrong scale)."""
+    import multiprocessing
+
+    models = []
+    for alpha, value in ((8, 1.0), (32, 2.0)):
+        models.append(tiny_gpt2())
+        inject(models[-1], LoRAConfig(r=4, alpha=alpha, target_modules=["c_attn"]))
+        for _, layer in lora_layers(models[-1]):
+            torch.nn.init.constant_(layer.lora_b["default"], value)
+    save_adapter(models[0], adapter_path)
+    context = multiprocessing.get_context("fork")
+    stop = context.Event()
+    writers = [context.Process(target=_save_until, args=(stop, model, adapter_path)) for model in models]
+    for writer in writers:
+        writer.start()
+    loads = []
+    try:
+        for _ in range(20):
+            model = tiny_gpt2()
+            alpha = load_adapter(model, adapter_path).alpha
+            loads.append((alpha, next(iter(lora_layers(model)))[1].lora_b["default"][0, 0].item()))
+    finally:
+        stop.set()
+        for writer in writers:
+            writer.join()
+    assert [writer.exitcode for writer in writers] == [0, 0]
+    assert set(loads) <= {(8.0, 1.0), (32.0, 2.0)}, sorted(set(loads))
+    assert not list(adapter_path.glob(".*.tmp"))
+
+
 def test_load_into_existing_adapter_overwrites_values(adapter_path):
     model, batch = _trained_gpt2()
     save_adapter(model, adapter_path)
