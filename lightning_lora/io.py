@@ -291,6 +291,11 @@ def validate_adapter(directory: str | os.PathLike) -> AdapterInfo:
     """Check an adapter folder without a model: config, safetensors header, key names and r against the
     config. Returns what it found; raises AdapterError naming the problem."""
     directory = Path(directory)
+    with _folder_lock(directory, shared=True):  # not while a save replaces the files
+        return _validate(directory)
+
+
+def _validate(directory: Path) -> AdapterInfo:
     if not directory.is_dir():
         raise AdapterError(f"{directory} is not a folder holding an adapter")
     config = read_config(directory)
@@ -379,7 +384,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     if any(layer.merged_adapters for _, layer in lora_layers(model)):  # new values would not match the merged delta
         raise AdapterError(f"the model has merged adapters; unmerge(model) before loading {directory}")
     with _folder_lock(directory, shared=True):  # the config and the weights of one save
-        info = validate_adapter(directory)
+        info = _validate(directory)
         tensors = _load_tensors(_weights_path(directory))
     try:
         config = resolve_config(model, info.config)

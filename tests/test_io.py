@@ -30,6 +30,7 @@ from lightning_lora import (
     save_adapter,
     validate_adapter,
 )
+from lightning_lora.inject import adapter_configs
 from lightning_lora.io import fingerprint, read_header
 
 PEFT_KEYS = {
@@ -162,12 +163,13 @@ def test_named_adapter_from_a_hub_cache_snapshot(adapter_path, hub_server):
 
 def _save_until(stop, model, directory):
     while not stop.wait(0.002):  # a pause between saves, in which loads get the folder
-        save_adapter(model, directory)
+        save_adapter(model, directory, metadata={"alpha": adapter_configs(model)["default"].alpha})
 
 
 def test_concurrent_saves_and_loads_see_one_save(adapter_path):
-    """Two processes saving other adapters to one folder while a third loads it: every load gets the config
-    and the weights of one save, never one's weights under the other's alpha (a silently wrong scale)."""
+    """Two processes saving other adapters to one folder while a third loads and validates it: every load gets
+    the config and the weights of one save, never one's weights under the other's alpha (a silently wrong scale),
+    and so does every validation (what push and pull check)."""
     import multiprocessing
 
     models = []
@@ -188,6 +190,8 @@ def test_concurrent_saves_and_loads_see_one_save(adapter_path):
             model = tiny_gpt2()
             alpha = load_adapter(model, adapter_path).alpha
             loads.append((alpha, next(iter(lora_layers(model)))[1].lora_b["default"][0, 0].item()))
+            info = validate_adapter(adapter_path)
+            loads.append((info.config.alpha, {"8.0": 1.0, "32.0": 2.0}[info.metadata["lightning_lora.alpha"]]))
     finally:
         stop.set()
         for writer in writers:
