@@ -220,7 +220,7 @@ def test_load_into_existing_adapter_activates_it(adapter_path):
     train_steps(fresh, batch)
     load_adapter(fresh, adapter_path)
     assert torch.equal(model_output(fresh, batch), model_output(model, batch))
-    assert [n for n, p in fresh.named_parameters() if p.requires_grad][0].endswith("lora_A.default")
+    assert next(n for n, p in fresh.named_parameters() if p.requires_grad).endswith("lora_A.default")
 
 
 def test_load_into_merged_model_refused(adapter_path):
@@ -293,8 +293,8 @@ def test_validate_adapter_reports(adapter_path):
 
 @pytest.mark.parametrize(("edit", "message"), [
     ({"use_dora": True}, r"module 'transformer.h.0.attn.c_attn' lacks a DoRA magnitude .* says use_dora=True"),
-    ({"target_modules": ["c_proj"]}, r"module 'transformer.h.0.attn.c_attn' has LoRA tensors but adapter_config"
-                                     r".json's target_modules \['c_proj'\] .* does not select it"),
+    ({"target_modules": ["c_proj"]}, (r"module 'transformer.h.0.attn.c_attn' has LoRA tensors but adapter_config"
+                                      r".json's target_modules \['c_proj'\] .* does not select it")),
     ({"layers_to_transform": [1]}, r"module 'transformer.h.0.attn.c_attn' has LoRA tensors .* does not select it"),
 ])
 def test_validate_refuses_what_load_refuses(adapter_path, edit, message):
