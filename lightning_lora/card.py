@@ -57,10 +57,11 @@ def render_card(
     if metrics is None and info is not None:
         metrics = {k[len(META):]: v for k, v in info.metadata.items()
                    if k.startswith(META) and k[len(META):] not in _NOT_METRICS}
-    tags = ["lora", "peft", "lightning-lora"] + ([f"base_model:adapter:{base_model}"] if base_model else [])
+    hub_base = base_model if _is_repo_id(base_model) else None
+    tags = ["lora", "peft", "lightning-lora"] + ([f"base_model:adapter:{hub_base}"] if hub_base else [])
     front = ["---", "library_name: peft"]
-    if base_model:
-        front.append(f"base_model: {json.dumps(base_model)}")
+    if hub_base:
+        front.append(f"base_model: {json.dumps(hub_base)}")
     front += ["tags:", *(f"- {json.dumps(t)}" for t in tags), "---", ""]
     body = [f"# {repo_id or 'LoRA adapter'}", "",
             f"A LoRA adapter{f' for `{base_model}`' if base_model else ''}, in PEFT's format (lightning-lora).", ""]
@@ -74,6 +75,19 @@ def render_card(
     if extra:
         body += [extra.rstrip(), ""]
     return "\n".join(front + body).rstrip() + "\n"
+
+
+def _is_repo_id(name: str | None) -> bool:
+    """Whether `name` can be a Hub model id. A base loaded from disk has its folder as ``_name_or_path``, and
+    the Hub refuses a card whose ``base_model`` metadata is a local path (its YAML check fails the commit), so
+    such a base is named in the text only."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return bool(name)
 
 
 def _config_rows(config: LoRAConfig, info: AdapterInfo | None) -> list[tuple[str, str]]:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from . import quant
-from .config import PEFT_HEADS, ConfigError, LoRAConfig, is_saved_module
+from .config import PEFT_HEADS, ConfigError, LoRAConfig, is_saved_module, matches
 from .inject import (
     adapter_config,
     adapter_configs,
@@ -41,6 +41,7 @@ from .inject import (
     output_head,
     resolve_config,
     same_adapter,
+    set_adapter,
 )
 from .layers import LoRALayer, lora_class_for
 
@@ -97,6 +98,26 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _folder_lock(directory: Path, shared: bool = False) -> Iterator[None]:
+    """Hold an advisory lock on the folder itself (``flock`` on its descriptor: no lock file is left behind):
+    saves take it exclusively, so that two saves to one folder cannot leave the weights of one beside the config
+    of the other; loads take it shared, so that they read the files of one save. Without ``flock`` (Windows) or
+    a readable folder, no lock."""
+    try:
+        import fcntl
+
+        fd = os.open(directory, os.O_RDONLY)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -185,12 +206,14 @@ def write_adapter(
     header.update({META + k: str(v) for k, v in (metadata or {}).items()})
     from safetensors.torch import save_file
 
-    with atomic_write(out / WEIGHTS_NAME) as tmp:
-        save_file(tensors, str(tmp), metadata=header)
-    # top-level keys sorted as PEFT writes them; pattern keys keep their order, which decides which one applies
-    write_text(out / CONFIG_NAME, json.dumps(dict(sorted(config.to_peft_dict().items())), indent=2) + "\n")
-    if card is not None:
-        write_text(out / CARD_NAME, card)
+    out.mkdir(parents=True, exist_ok=True)
+    with _folder_lock(out):
+        with atomic_write(out / WEIGHTS_NAME) as tmp:
+            save_file(tensors, str(tmp), metadata=header)
+        # top-level keys sorted as PEFT writes them; pattern keys keep their order, which decides which one applies
+        write_text(out / CONFIG_NAME, json.dumps(dict(sorted(config.to_peft_dict().items())), indent=2) + "\n")
+        if card is not None:
+            write_text(out / CARD_NAME, card)
     return out
 
 
@@ -266,6 +289,11 @@ def validate_adapter(directory: str | os.PathLike) -> AdapterInfo:
     """Check an adapter folder without a model: config, safetensors header, key names and r against the
     config. Returns what it found; raises AdapterError naming the problem."""
     directory = Path(directory)
+    with _folder_lock(directory, shared=True):  # not while a save replaces the files
+        return _validate(directory)
+
+
+def _validate(directory: Path) -> AdapterInfo:
     if not directory.is_dir():
         hint = "" if directory.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+(@\S+)?", str(directory)) else (
             f" (a Hub repo id? download it first: hub.pull({str(directory)!r}) or `lora-hub pull {directory}`)")
@@ -299,6 +327,13 @@ def validate_adapter(directory: str | os.PathLike) -> AdapterInfo:
         r = config.rank_for(path)
         if a[0] != r or b[1] != r:
             raise AdapterError(f"{weights}: module {path!r} has rank {a[0]}x{b[1]} but adapter_config.json says r={r}")
+        if not _selects(config, path):
+            raise AdapterError(f"{weights}: module {path!r} has LoRA tensors but adapter_config.json's target_modules "
+                               f"{config.target_modules!r} (with its exclude_modules / layers_to_transform) does not "
+                               f"select it: the two files do not belong together")
+        if config.use_dora != ("lora_magnitude_vector" in kinds):
+            raise AdapterError(f"{weights}: module {path!r} {'lacks' if config.use_dora else 'has'} a DoRA magnitude "
+                               f"(lora_magnitude_vector) but adapter_config.json says use_dora={config.use_dora}")
     size = sum(p.stat().st_size for p in directory.iterdir() if p.is_file())
     return AdapterInfo(
         path=directory,
@@ -309,6 +344,15 @@ def validate_adapter(directory: str | os.PathLike) -> AdapterInfo:
         shapes=shapes,
         metadata=metadata,
     )
+
+
+def _selects(config: LoRAConfig, path: str) -> bool:
+    """Whether `config`'s target rule picks module `path`, as far as the path tells without the model: a
+    default (None) or ``"all-linear"`` depends on the model's layers, so they pass."""
+    if config.target_modules is None or config.target_modules == "all-linear":
+        return True
+    return (matches(config.target_modules, path) and config.in_layers(path)
+            and not matches(config.exclude_modules, path))
 
 
 def module_keys(keys: Iterable[str]) -> dict[str, dict[str, str]]:
@@ -343,7 +387,11 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     directory = Path(directory)
     if adapter_name != "default" and (directory / adapter_name / CONFIG_NAME).is_file():
         directory = directory / adapter_name
-    info = validate_adapter(directory)
+    if any(layer.merged_adapters for _, layer in lora_layers(model)):  # new values would not match the merged delta
+        raise AdapterError(f"the model has merged adapters; unmerge(model) before loading {directory}")
+    with _folder_lock(directory, shared=True):  # the config and the weights of one save
+        info = _validate(directory)
+        tensors = _load_tensors(_weights_path(directory))
     try:
         config = resolve_config(model, info.config)
         expected = _expected_shapes(model, config)
@@ -362,7 +410,6 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
         want = info.metadata.get(META + "fingerprint")
         if want and want != _fingerprint((p, _probe(model, p)) for p in find_targets(model, config)):
             raise AdapterError(f"{directory} was trained on a different base model (layer fingerprint differs)")
-    tensors = _load_tensors(_weights_path(directory))
     if existing is None:
         modes = {path: model.get_submodule(path).training for path in paths}
         try:  # its checks run before it changes anything
@@ -375,6 +422,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     with torch.no_grad():
         for key, tensor in tensors.items():
             targets[key].copy_(tensor)
+    set_adapter(model, adapter_name)  # inject activates a new adapter; an existing one may not be the active one
     return config
 
 
@@ -422,19 +470,30 @@ def adapter_file(directory: Path, name: str) -> Path:
     outside the folder (or, for a cache snapshot, outside its repo's blobs)."""
     path = directory / name
     if not path.exists():
-        raise AdapterError(f"{directory} has no {name}")
+        raise AdapterError(f"{directory} has no {name}{_named_hint(directory)}")
     if path.is_symlink() and not any(path.resolve().is_relative_to(ok) for ok in _symlink_roots(directory)):
         raise AdapterError(f"{path} is a symlink pointing outside the adapter folder; refusing to follow it")
     return path
 
 
+def _named_hint(directory: Path) -> str:
+    """Advice for a folder that holds only named adapters, in PEFT's subfolders (``<dir>/<name>/``)."""
+    names = sorted(p.parent.name for p in directory.glob(f"*/{CONFIG_NAME}")) if directory.is_dir() else []
+    if not names:
+        return ""
+    return (f"; its adapters are in subfolders {names} (PEFT's layout for adapters not named default): "
+            f"load_adapter(model, dir, adapter_name={names[0]!r}), or use {directory / names[0]}")
+
+
 def _symlink_roots(directory: Path) -> list[Path]:
-    """Where an adapter file's symlink may point: into the folder, or, for a Hugging Face cache snapshot
-    (``<repo>/snapshots/<commit>/``), into that repo's ``<repo>/blobs/``."""
+    """Where an adapter file's symlink may point: into the folder, or, for a folder in a Hugging Face cache
+    snapshot (``<repo>/snapshots/<commit>/``, or a subfolder of it such as PEFT's ``<name>/`` for an adapter not
+    named default), into that repo's ``<repo>/blobs/``."""
     directory = directory.resolve()
     roots = [directory]
-    if directory.parent.name == "snapshots":
-        roots.append(directory.parent.parent / "blobs")
+    snapshot = next((d for d in (directory, *directory.parents) if d.parent.name == "snapshots"), None)
+    if snapshot is not None:
+        roots.append(snapshot.parent.parent / "blobs")
     return roots
 
 

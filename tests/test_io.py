@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,9 +26,11 @@ from lightning_lora import (
     inject,
     load_adapter,
     lora_layers,
+    merge,
     save_adapter,
     validate_adapter,
 )
+from lightning_lora.inject import adapter_configs
 from lightning_lora.io import fingerprint, read_header
 
 PEFT_KEYS = {
@@ -124,6 +127,80 @@ def test_non_default_adapter_in_subfolder(adapter_path):
     assert {n for _, layer in lora_layers(fresh) for n in layer.lora_a} == {"default", "second"}
 
 
+def test_folder_of_named_adapters_only_says_how_to_load_them(adapter_path):
+    """save_adapter(adapter_name="second") (or PEFT's save_pretrained(selected_adapters=["second"])) writes
+    <dir>/second/ only: loading <dir> points there."""
+    model, _ = _trained_gpt2()
+    inject(model, LoRAConfig(r=2, target_modules=["c_attn"]), adapter_name="second")
+    save_adapter(model, adapter_path, adapter_name="second")
+    hint = r"has no adapter_config.json; its adapters are in subfolders \['second'\] .*adapter_name='second'"
+    with pytest.raises(AdapterError, match=hint):
+        load_adapter(tiny_gpt2(), adapter_path)
+    with pytest.raises(AdapterError, match=hint):
+        validate_adapter(adapter_path)
+
+
+def test_named_adapter_from_a_hub_cache_snapshot(adapter_path, hub_server):
+    """PEFT's layout downloaded with snapshot_download: the subfolder's files are links into the repo's blobs,
+    as the top folder's are, and load."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    model, batch = _trained_gpt2()
+    inject(model, LoRAConfig(r=2, target_modules=["c_attn"]), adapter_name="second")
+    train_steps(model, batch)
+    save_adapter(model, adapter_path)
+    save_adapter(model, adapter_path, adapter_name="second")
+    HfApi().create_repo("team/multi")
+    HfApi().upload_folder(repo_id="team/multi", folder_path=adapter_path)
+    snapshot = snapshot_download("team/multi")
+    assert (Path(snapshot) / "second" / "adapter_model.safetensors").is_symlink()
+    fresh = tiny_gpt2()
+    load_adapter(fresh, snapshot)
+    load_adapter(fresh, snapshot, adapter_name="second")
+    assert torch.equal(model_output(fresh, batch), model_output(model, batch))
+    assert validate_adapter(Path(snapshot) / "second").config.r == 2
+
+
+def _save_until(stop, model, directory):
+    while not stop.wait(0.002):  # a pause between saves, in which loads get the folder
+        save_adapter(model, directory, metadata={"alpha": adapter_configs(model)["default"].alpha})
+
+
+def test_concurrent_saves_and_loads_see_one_save(adapter_path):
+    """Two processes saving other adapters to one folder while a third loads and validates it: every load gets
+    the config and the weights of one save, never one's weights under the other's alpha (a silently wrong scale),
+    and so does every validation (what push and pull check)."""
+    import multiprocessing
+
+    models = []
+    for alpha, value in ((8, 1.0), (32, 2.0)):
+        models.append(tiny_gpt2())
+        inject(models[-1], LoRAConfig(r=4, alpha=alpha, target_modules=["c_attn"]))
+        for _, layer in lora_layers(models[-1]):
+            torch.nn.init.constant_(layer.lora_b["default"], value)
+    save_adapter(models[0], adapter_path)
+    context = multiprocessing.get_context("fork")
+    stop = context.Event()
+    writers = [context.Process(target=_save_until, args=(stop, model, adapter_path)) for model in models]
+    for writer in writers:
+        writer.start()
+    loads = []
+    try:
+        for _ in range(20):
+            model = tiny_gpt2()
+            alpha = load_adapter(model, adapter_path).alpha
+            loads.append((alpha, next(iter(lora_layers(model)))[1].lora_b["default"][0, 0].item()))
+            info = validate_adapter(adapter_path)
+            loads.append((info.config.alpha, {"8.0": 1.0, "32.0": 2.0}[info.metadata["lightning_lora.alpha"]]))
+    finally:
+        stop.set()
+        for writer in writers:
+            writer.join()
+    assert [writer.exitcode for writer in writers] == [0, 0]
+    assert set(loads) <= {(8.0, 1.0), (32.0, 2.0)}, sorted(set(loads))
+    assert not list(adapter_path.glob(".*.tmp"))
+
+
 def test_load_into_existing_adapter_overwrites_values(adapter_path):
     model, batch = _trained_gpt2()
     save_adapter(model, adapter_path)
@@ -131,6 +208,32 @@ def test_load_into_existing_adapter_overwrites_values(adapter_path):
     inject(fresh, LoRAConfig(r=4, alpha=8, target_modules=["c_attn"]))
     load_adapter(fresh, adapter_path)
     assert torch.equal(model_output(fresh, batch), model_output(model, batch))
+
+
+def test_load_into_existing_adapter_activates_it(adapter_path):
+    """Reloading an adapter that is not the active one makes it active, as loading a new one does."""
+    model, batch = _trained_gpt2()
+    save_adapter(model, adapter_path)
+    fresh = tiny_gpt2()
+    load_adapter(fresh, adapter_path)
+    inject(fresh, LoRAConfig(r=2, target_modules=["c_attn"]), adapter_name="other")
+    train_steps(fresh, batch)
+    load_adapter(fresh, adapter_path)
+    assert torch.equal(model_output(fresh, batch), model_output(model, batch))
+    assert next(n for n, p in fresh.named_parameters() if p.requires_grad).endswith("lora_A.default")
+
+
+def test_load_into_merged_model_refused(adapter_path):
+    """The merged delta is the old A and B: new values under it would make unmerge leave a wrong base."""
+    model, batch = _trained_gpt2()
+    save_adapter(model, adapter_path)
+    merged = tiny_gpt2()
+    inject(merged, LoRAConfig(r=4, alpha=8, target_modules=["c_attn"]))
+    merge(train_steps(merged, batch, lr=0.2))
+    before = state_snapshot(merged)
+    with pytest.raises(AdapterError, match="has merged adapters; unmerge\\(model\\) before loading"):
+        load_adapter(merged, adapter_path)
+    assert_same_state(merged, before)
 
 
 def test_load_into_existing_adapter_spelled_otherwise(adapter_path):
@@ -188,6 +291,25 @@ def test_validate_adapter_reports(adapter_path):
     assert (adapter_path / "README.md").read_text() == "# card\n"
 
 
+@pytest.mark.parametrize(("edit", "message"), [
+    ({"use_dora": True}, r"module 'transformer.h.0.attn.c_attn' lacks a DoRA magnitude .* says use_dora=True"),
+    ({"target_modules": ["c_proj"]}, (r"module 'transformer.h.0.attn.c_attn' has LoRA tensors but adapter_config"
+                                      r".json's target_modules \['c_proj'\] .* does not select it")),
+    ({"layers_to_transform": [1]}, r"module 'transformer.h.0.attn.c_attn' has LoRA tensors .* does not select it"),
+])
+def test_validate_refuses_what_load_refuses(adapter_path, edit, message):
+    """A config that does not describe its weights: validate_adapter (what push and pull check) refuses it as
+    load_adapter does, rather than accepting a folder that loads nowhere."""
+    model, _ = _trained_gpt2()
+    save_adapter(model, adapter_path)
+    config = json.loads((adapter_path / "adapter_config.json").read_text())
+    (adapter_path / "adapter_config.json").write_text(json.dumps({**config, **edit}))
+    with pytest.raises(AdapterError, match=message):
+        validate_adapter(adapter_path)
+    with pytest.raises(AdapterError, match=message):
+        load_adapter(tiny_gpt2(), adapter_path)
+
+
 def test_save_unknown_adapter_name(adapter_path):
     model, _ = _trained_gpt2()
     with pytest.raises(KeyError, match="no adapter named 'x'; the model has \\['default'\\]"):
@@ -239,6 +361,24 @@ def test_card_usage_names_the_class_that_loads_the_base(adapter_path):
     inject(plain, LoRAConfig(r=2, target_modules=["0"]))
     card = render_card(validate_adapter(save_adapter(plain, adapter_path / "plain", base_model="x")), repo_id="me/p")
     assert "from transformers" not in card and "`lora-hub pull me/p`, then load it onto the model" in card
+
+
+@pytest.mark.parametrize(("base", "hub_id"), [("org/base-1.5", True), ("/models/llama", False),
+                                              ("./models/llama", False), ("~/models/llama", False)])
+def test_card_metadata_names_only_a_hub_base(adapter_path, base, hub_id):
+    """A base loaded from disk leaves its folder in _name_or_path; the Hub refuses a card whose base_model
+    metadata is a local path, so the YAML names only Hub ids (the text and the snippet still name the base)."""
+    from huggingface_hub import ModelCard
+
+    from lightning_lora import render_card
+
+    model, _ = _trained_gpt2()
+    card = render_card(validate_adapter(save_adapter(model, adapter_path, base_model=base)), repo_id="me/a")
+    data = ModelCard(card).data
+    assert data.library_name == "peft" and "lora" in data.tags
+    assert data.base_model == (base if hub_id else None)
+    assert (f"base_model:adapter:{base}" in data.tags) == hub_id
+    assert f"A LoRA adapter for `{base}`" in card and f'GPT2LMHeadModel.from_pretrained("{base}")' in card
 
 
 def test_pattern_order_survives_a_round_trip(adapter_path):
