@@ -104,8 +104,8 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
 def _folder_lock(directory: Path, shared: bool = False) -> Iterator[None]:
     """Hold an advisory lock on the folder itself (``flock`` on its descriptor: no lock file is left behind):
     saves take it exclusively, so that two saves to one folder cannot leave the weights of one beside the config
-    of the other; loads take it shared, so that they read the files of one save. Without ``flock`` (Windows) or
-    a readable folder, no lock."""
+    of the other; loads take it shared, so that they read the files of one save. Without ``flock`` (Windows), a
+    readable folder or a file system that locks (some NFS mounts answer ENOLCK), no lock."""
     try:
         import fcntl
 
@@ -114,7 +114,10 @@ def _folder_lock(directory: Path, shared: bool = False) -> Iterator[None]:
         yield
         return
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        except OSError:
+            pass
         yield
     finally:
         os.close(fd)  # releases the lock
