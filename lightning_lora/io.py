@@ -114,10 +114,8 @@ def _folder_lock(directory: Path, shared: bool = False) -> Iterator[None]:
         yield
         return
     try:
-        try:
+        with contextlib.suppress(OSError):
             fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
-        except OSError:
-            pass
         yield
     finally:
         os.close(fd)  # releases the lock
