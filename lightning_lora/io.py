@@ -471,19 +471,10 @@ def adapter_file(directory: Path, name: str) -> Path:
     outside the folder (or, for a cache snapshot, outside its repo's blobs)."""
     path = directory / name
     if not path.exists():
-        raise AdapterError(f"{directory} has no {name}{_named_hint(directory)}")
+        raise AdapterError(f"{directory} has no {name}")
     if path.is_symlink() and not any(path.resolve().is_relative_to(ok) for ok in _symlink_roots(directory)):
         raise AdapterError(f"{path} is a symlink pointing outside the adapter folder; refusing to follow it")
     return path
-
-
-def _named_hint(directory: Path) -> str:
-    """Advice for a folder that holds only named adapters, in PEFT's subfolders (``<dir>/<name>/``)."""
-    names = sorted(p.parent.name for p in directory.glob(f"*/{CONFIG_NAME}")) if directory.is_dir() else []
-    if not names:
-        return ""
-    return (f"; its adapters are in subfolders {names} (PEFT's layout for adapters not named default): "
-            f"load_adapter(model, dir, adapter_name={names[0]!r}), or use {directory / names[0]}")
 
 
 def _symlink_roots(directory: Path) -> list[Path]:

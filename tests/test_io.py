@@ -127,19 +127,6 @@ def test_non_default_adapter_in_subfolder(adapter_path):
     assert {n for _, layer in lora_layers(fresh) for n in layer.lora_a} == {"default", "second"}
 
 
-def test_folder_of_named_adapters_only_says_how_to_load_them(adapter_path):
-    """save_adapter(adapter_name="second") (or PEFT's save_pretrained(selected_adapters=["second"])) writes
-    <dir>/second/ only: loading <dir> points there."""
-    model, _ = _trained_gpt2()
-    inject(model, LoRAConfig(r=2, target_modules=["c_attn"]), adapter_name="second")
-    save_adapter(model, adapter_path, adapter_name="second")
-    hint = r"has no adapter_config.json; its adapters are in subfolders \['second'\] .*adapter_name='second'"
-    with pytest.raises(AdapterError, match=hint):
-        load_adapter(tiny_gpt2(), adapter_path)
-    with pytest.raises(AdapterError, match=hint):
-        validate_adapter(adapter_path)
-
-
 def test_named_adapter_from_a_hub_cache_snapshot(adapter_path, hub_server):
     """PEFT's layout downloaded with snapshot_download: the subfolder's files are links into the repo's blobs,
     as the top folder's are, and load."""
@@ -427,6 +414,8 @@ def test_folder_of_named_adapters_says_which_to_load(tmp_path):
     with pytest.raises(AdapterError, match=r"has no adapter_config.json but holds the named adapters \['other'\].*"
                                            r"load_adapter\(model, dir, adapter_name='other'\)"):
         load_adapter(fresh, tmp_path)
+    with pytest.raises(AdapterError, match=r"holds the named adapters \['other'\]"):
+        validate_adapter(tmp_path)
     assert_same_state(fresh, before)
     assert load_adapter(fresh, tmp_path, "other").r == 2
 
