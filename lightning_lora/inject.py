@@ -226,17 +226,20 @@ def set_adapter(model: nn.Module, adapter_name: str) -> None:
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[None]:
     """Within the block, `model` computes the base model's output (the adapters are bypassed). Exception:
-    ``modules_to_save`` train in place (no copy is kept), so inside the block they keep their trained weights."""
+    ``modules_to_save`` train in place (no copy is kept), so inside the block they keep their trained weights.
+    Blocks nest: leaving an inner one keeps the outer one's adapters off. The switch belongs to the model, not
+    to the thread (as PEFT's ``disable_adapter``): other threads running `model` meanwhile get the base output too."""
     layers = [layer for _, layer in lora_layers(model)]
     if any(layer.merged_adapters for layer in layers):
         raise RuntimeError("adapters are merged into the base weights; unmerge(model) before disabling them")
+    before = [layer.disabled for layer in layers]
     for layer in layers:
         layer.disabled = True
     try:
         yield
     finally:
-        for layer in layers:
-            layer.disabled = False
+        for layer, disabled in zip(layers, before):
+            layer.disabled = disabled
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:

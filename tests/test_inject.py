@@ -270,6 +270,23 @@ def test_merge_twice_refused_and_merged_model_guards():
         set_adapter(model, "default")
 
 
+def test_disable_adapters_nests():
+    """Leaving an inner block (normally or by an exception) keeps the outer block's adapters off."""
+    model, batch = tiny_gpt2(), token_batch()
+    base_out = model_output(model, batch)
+    inject(model, CASES["gpt2"][2])
+    train_steps(model, batch)
+    tuned = model_output(model, batch)
+    with disable_adapters(model):
+        with disable_adapters(model):
+            pass
+        assert torch.allclose(model_output(model, batch), base_out, **TOL)
+        with pytest.raises(ValueError), disable_adapters(model):
+            raise ValueError
+        assert torch.allclose(model_output(model, batch), base_out, **TOL)
+    assert torch.allclose(model_output(model, batch), tuned, **TOL)
+
+
 def test_invalid_adapter_name():
     with pytest.raises(ConfigError, match="adapter_name '../x' must be 1-64 letters"):
         inject(tiny_gpt2(), CASES["gpt2"][2], adapter_name="../x")
