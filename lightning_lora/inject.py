@@ -261,6 +261,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
 def merge(model: nn.Module) -> None:
     """Fold the active adapter into the base weights, in place; forward then costs what the base costs.
     Raises if it is already merged (merging twice would add the update twice)."""
+    _check_enabled(model)
     _check_not_shared(model)
     for _, layer in lora_layers(model):
         layer.merge()
@@ -275,6 +276,7 @@ def unmerge(model: nn.Module) -> None:
 def unload(model: nn.Module) -> nn.Module:
     """The plain model: the active adapter merged into the base weights and every LoRA layer replaced by its
     original module, so it runs exactly as fast as the base. Changes `model` in place and returns it."""
+    _check_enabled(model)
     _check_not_shared(model)
     for path, layer in list(lora_layers(model)):
         if not layer.merged_adapters:
@@ -339,6 +341,13 @@ def _check_saved_not_tied(model: nn.Module, config: LoRAConfig) -> None:
                     f"weights); training it would change both while the adapter saves one, so PEFT and "
                     f"transformers would load it wrong. Leave {path!r} out, or untie the weights first"
                 )
+
+
+def _check_enabled(model: nn.Module) -> None:
+    """Refuse to fold adapters into the weights inside a `disable_adapters` block: the block would then compute
+    the adapted output where it promises the base model's (PEFT's disabled forward unmerges instead)."""
+    if any(layer.disabled for _, layer in lora_layers(model)):
+        raise RuntimeError("adapters are disabled (inside a disable_adapters block); merge or unload after the block")
 
 
 def _check_not_shared(model: nn.Module) -> None:

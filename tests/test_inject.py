@@ -287,6 +287,22 @@ def test_disable_adapters_nests():
     assert torch.allclose(model_output(model, batch), tuned, **TOL)
 
 
+def test_merge_inside_disable_adapters_refused():
+    """Merged weights would give the adapted output inside a block that promises the base model's."""
+    model, batch = tiny_gpt2(), token_batch()
+    base_out = model_output(model, batch)
+    inject(model, CASES["gpt2"][2])
+    train_steps(model, batch)
+    before = state_snapshot(model)
+    with disable_adapters(model):
+        for fold in (merge, unload):
+            with pytest.raises(RuntimeError, match="inside a disable_adapters block\\); merge or unload after"):
+                fold(model)
+        assert torch.allclose(model_output(model, batch), base_out, **TOL)
+    assert_same_state(model, before)
+    unload(model)
+
+
 def test_invalid_adapter_name():
     with pytest.raises(ConfigError, match="adapter_name '../x' must be 1-64 letters"):
         inject(tiny_gpt2(), CASES["gpt2"][2], adapter_name="../x")
