@@ -322,10 +322,10 @@ class LoRALinear(LoRALayer):
 
         Under autocast that is autocast's dtype, the one ``F.linear`` would compute in, for inputs, weights and
         adapters in fp32 or already in it (DoRA under autocast takes the general path); otherwise the one dtype
-        that input, weight and adapter share. Also general: a 4-bit base, and DoRA with active dropout, whose
-        ``(g - 1) W0 x'`` needs a base product of the dropped input."""
+        that input, weight and adapter share. Also general: a 4-bit base, a base with hooks (`_hooked`), and DoRA
+        with active dropout, whose ``(g - 1) W0 x'`` needs a base product of the dropped input."""
         base = self.base_layer
-        if type(base) not in _DENSE:
+        if type(base) not in _DENSE or _hooked(base):
             return None
         dora = name in self.lora_magnitude_vector
         w_dtype, a_dtype, device = base.weight.dtype, self.lora_a[name].dtype, x.device.type
@@ -591,6 +591,14 @@ def _use_function(*tensors: torch.Tensor | None) -> bool:
     requires_grad check stops there."""
     return (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
             and not torch._C._are_functorch_transforms_active())
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether calling `module` does more than its forward: hooks registered on it (most often before injection:
+    activation capture, steering, pruning masks) or a forward replaced on the instance (accelerate's device
+    hooks). The fused path reads the weight without calling the module and would skip them; PEFT calls it."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks) or "forward" in module.__dict__
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:

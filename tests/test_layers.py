@@ -82,6 +82,31 @@ def test_linear_output_and_gradients_equal_plain_formula(kind, bias):
         assert torch.allclose(got, want, **TOL)
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv1d_hf"])
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_hooks_on_the_wrapped_layer_still_run(kind, use_dora):
+    """Hooks registered on a layer before it is wrapped (activation capture, steering) run on every forward, in
+    training and inference, as in PEFT, which calls the base layer; the adapted output is unchanged."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 20) if kind == "linear" else Conv1D(20, 12))
+    x = torch.randn(3, 5, 12)
+    base_out = model(x).detach()
+    seen = []
+    model[0].register_forward_pre_hook(lambda module, args: seen.append("pre"))
+    model[0].register_forward_hook(lambda module, args, out: seen.append(out.detach()))
+    inject(model, LoRAConfig(r=4, alpha=6, target_modules=["0"], use_dora=use_dora))
+    _randomize_b(model[0])
+    out = model(x)
+    with torch.no_grad():
+        out_inference = model(x)
+    assert seen[0::2] == ["pre", "pre"]
+    assert all(torch.allclose(seen_out, base_out, **TOL) for seen_out in seen[1::2])
+    model[0].base_layer._forward_hooks.clear()
+    model[0].base_layer._forward_pre_hooks.clear()
+    for got in (out, out_inference):
+        assert torch.allclose(got, model(x), **TOL)
+
+
 def test_fused_function_skips_gradients_nobody_needs():
     """The frozen base gets no weight gradient; an input that needs none gets none."""
     layer, _ = _linear_case("linear", True)
