@@ -226,7 +226,8 @@ def set_adapter(model: nn.Module, adapter_name: str) -> None:
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[None]:
     """Within the block, `model` computes the base model's output (the adapters are bypassed). Exception:
-    ``modules_to_save`` train in place (no copy is kept), so inside the block they keep their trained weights.
+    ``modules_to_save`` and the biases that ``bias="all"`` / ``"lora_only"`` trains train in place (no copy is
+    kept, as PEFT's biases), so inside the block they keep their trained values.
     Blocks nest: leaving an inner one keeps the outer one's adapters off. The switch belongs to the model, not
     to the thread (as PEFT's ``disable_adapter``): other threads running `model` meanwhile get the base output too."""
     layers = [layer for _, layer in lora_layers(model)]
