@@ -135,6 +135,7 @@ class LoRACallback(Callback):
         # "last": global step, "best": ModelCheckpoint's (monitor, path, score) of the last export
         self._exported: dict[str, Any] = {}
         self._step_epoch: int | None = None  # the epoch of the last training step (Lightning's, from 0)
+        self._training = False  # from on_train_start to the next setup: the checkpoints saved then are exported
 
     # -- public --------------------------------------------------------------------------------------------
     def apply(self, module: nn.Module) -> LoRASummary:
@@ -177,6 +178,7 @@ class LoRACallback(Callback):
                 "freeze the first's; adapt several models with one callback (model_attr=None, target_modules "
                 "naming layers in each, e.g. ['enc.0', 'dec.0'])"
             )
+        self._training = False
         _check_fsdp_settings(trainer.strategy, self.config)
         if stage == "fit":
             _check_averaging_order(trainer, self)
@@ -221,6 +223,7 @@ class LoRACallback(Callback):
         # fit) was exported when its file was written, or belongs to weights this run no longer holds: export
         # `best` only when it changes from here on.
         self._exported["best"] = _best_checkpoint(trainer)
+        self._training = True
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         self._step_epoch = trainer.current_epoch  # by on_train_end Lightning has counted that epoch as done
@@ -244,7 +247,9 @@ class LoRACallback(Callback):
             "fingerprint": fingerprint(target),
             "model_attr": self.model_attr,
         }
-        if self.adapter_dir is not None:
+        if self.adapter_dir is not None and self._training:
+            # Not the snapshot that Lightning's Tuner (lr_find, scale_batch_size) saves before its trial steps and
+            # restores after them: the weights it holds were not trained, and must not replace an exported adapter.
             self._export_checkpoint(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -756,3 +756,24 @@ def test_stochastic_weight_averaging_checkpoints_stay_adapter_only_and_resume(tm
     assert set(average) == set(saved["state_dict"]) == set(trainable(first.lightning_module))
     resumed = run(3, ckpt_path=tmp_path / "ckpt" / "epoch=1-step=8.ckpt")
     assert resumed.global_step == 12
+
+
+def test_tuner_snapshots_leave_the_exported_adapter_alone(tmp_path):
+    """lr_find (and scale_batch_size) save a snapshot of the untrained module before their trial steps (and restore
+    it after them): its export replaced a trained `last` with an adapter whose B is all zeros."""
+    from lightning.pytorch.tuner import Tuner
+
+    fit(CausalLM(), tmp_path, [LoRACallback(r=2, model_attr="model", adapter_dir=tmp_path / "ad")], max_steps=2)
+    exported = (tmp_path / "ad" / "last" / "adapter_model.safetensors").read_bytes()
+    module = CausalLM()
+    trainer = L.Trainer(**trainer_kwargs(tmp_path, callbacks=[LoRACallback(r=2, model_attr="model",
+                                                                           adapter_dir=tmp_path / "ad")],
+                                         max_steps=2))
+    Tuner(trainer).lr_find(module, num_training=3, min_lr=1e-3, max_lr=1e-2, update_attr=False)
+    assert not all_b_nonzero(module)  # the tuner restored the untrained adapter
+    assert (tmp_path / "ad" / "last" / "adapter_model.safetensors").read_bytes() == exported
+    trainer.fit(module)
+    assert all_b_nonzero(module)
+    loaded = load_file(tmp_path / "ad" / "last" / "adapter_model.safetensors")
+    assert loaded.keys() == {k for k in adapter_state_dict(module.model)} and all(
+        torch.equal(v, adapter_state_dict(module.model)[k]) for k, v in loaded.items())
