@@ -242,6 +242,7 @@ class LoRACallback(Callback):
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         target, config = self._target(pl_module), self.resolved_config(pl_module)
         checkpoint["state_dict"] = _adapter_only(pl_module, target, config, checkpoint["state_dict"])
+        _drop_module_hyperparameters(checkpoint)
         checkpoint[RECORD_KEY] = {
             "config": config.to_dict(),
             "fingerprint": fingerprint(target),
@@ -492,6 +493,17 @@ def _adapter_only(module: nn.Module, target: nn.Module, config: LoRAConfig,
     keep = _trainable_names(module) | {_clean(n) for n, b in module.named_buffers(remove_duplicate=False)
                                        if id(b) in buffers}
     return {k: v for k, v in state_dict.items() if _clean(k) in keep}
+
+
+def _drop_module_hyperparameters(checkpoint: dict[str, Any]) -> None:
+    """Leave out the hyperparameters that are modules (``self.save_hyperparameters()`` in an ``__init__`` taking
+    the model, which Lightning only warns about): pickled whole, they put the full base model back into the
+    adapter-only checkpoint, and `torch.load(weights_only=True)` (resume, `load_lora_checkpoint`) cannot read it.
+    Loading the module from its class then needs them again: ``load_lora_checkpoint(MyModule, ckpt, model=...)``."""
+    for key in (pl.LightningModule.CHECKPOINT_HYPER_PARAMS_KEY, pl.LightningDataModule.CHECKPOINT_HYPER_PARAMS_KEY):
+        hparams = checkpoint.get(key)
+        if isinstance(hparams, dict) and any(isinstance(v, nn.Module) for v in hparams.values()):
+            checkpoint[key] = {k: v for k, v in hparams.items() if not isinstance(v, nn.Module)}
 
 
 def _tracks_statistics(module: nn.Module) -> bool:

@@ -777,3 +777,28 @@ def test_tuner_snapshots_leave_the_exported_adapter_alone(tmp_path):
     loaded = load_file(tmp_path / "ad" / "last" / "adapter_model.safetensors")
     assert loaded.keys() == {k for k in adapter_state_dict(module.model)} and all(
         torch.equal(v, adapter_state_dict(module.model)[k]) for k, v in loaded.items())
+
+
+class TakesTheModel(CausalLM):
+    """``save_hyperparameters()`` in an ``__init__`` that takes the model: Lightning warns, and saves the model."""
+
+    def __init__(self, model: nn.Module, lr: float = 0.05, scheduler: bool = False) -> None:
+        super().__init__(lr=lr, scheduler=scheduler)
+        self.save_hyperparameters()
+        self.model = model
+
+
+def test_a_model_saved_as_hyperparameter_stays_out_of_the_checkpoint(tmp_path):
+    """The whole base model went into the adapter-only checkpoint, pickled under ``hyper_parameters``, where
+    `torch.load(weights_only=True)` (resume, `load_lora_checkpoint`) refused it."""
+    module = TakesTheModel(tiny_gpt2(0))
+    assert "model" in module.hparams
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt")
+    fit(module, tmp_path, [LoRACallback(r=4, model_attr="model"), ckpt], max_steps=2)
+    checkpoint = torch.load(ckpt.best_model_path, weights_only=True)
+    assert "model" not in checkpoint["hyper_parameters"] and checkpoint["hyper_parameters"]["lr"] == 0.05
+    assert set(checkpoint["state_dict"]) == set(trainable(module)) and "model" in module.hparams
+    loaded = load_lora_checkpoint(TakesTheModel, ckpt.best_model_path, model=tiny_gpt2(0)).eval()
+    module.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(BATCH), module(BATCH))
