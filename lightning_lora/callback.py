@@ -36,7 +36,15 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from .config import ConfigError, LoRAConfig, checked_config
-from .inject import adapter_configs, extra_buffers, inject, lora_layers, resolve_config, same_adapter
+from .inject import (
+    adapter_configs,
+    extra_buffers,
+    extra_trainable,
+    inject,
+    lora_layers,
+    resolve_config,
+    same_adapter,
+)
 from .io import WRAPPER_SEGMENTS, architecture, atomic_write, fingerprint, remove_stale_temps, save_adapter
 from .quant import is_quantized
 from .summary import LoRASummary, summarize
@@ -224,6 +232,11 @@ class LoRACallback(Callback):
         # `best` only when it changes from here on.
         self._exported["best"] = _best_checkpoint(trainer)
         self._training = True
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if batch_idx == 0:  # after every callback's on_train_epoch_start, where BaseFinetuning callbacks unfreeze
+            _check_only_adapter_trains(pl_module, self._target(pl_module), self.resolved_config(pl_module))
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         self._step_epoch = trainer.current_epoch  # by on_train_end Lightning has counted that epoch as done
@@ -745,6 +758,22 @@ def _check_optimizers(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Non
             f"{len(missing)} LoRA parameters are in no optimizer (e.g. {missing[0]!r}): the optimizer was built "
             f"before LoRACallback injected them (in __init__?). Build it in configure_optimizers from "
             f"[p for p in self.parameters() if p.requires_grad]."
+        )
+
+
+def _check_only_adapter_trains(pl_module: nn.Module, target: nn.Module, config: LoRAConfig) -> None:
+    """Raise if a parameter outside the adapter trains: something unfroze the base after injection (a BaseFinetuning
+    callback such as BackboneFinetuning unfreezes whole modules at some epoch). The checkpoints would keep those
+    weights, but the PEFT export carries only the adapter and modules_to_save, so it would silently lack them."""
+    adapter = {id(p) for _, layer in lora_layers(target) for name in layer.lora_a for p in layer.adapter_params(name)}
+    adapter |= {id(p) for p in extra_trainable(target, config).values()}
+    outside = [_clean(n) for n, p in pl_module.named_parameters() if p.requires_grad and id(p) not in adapter]
+    if outside:
+        raise ConfigError(
+            f"{len(outside)} parameters outside the LoRA adapter are trainable (e.g. {outside[0]!r}): something "
+            f"unfroze them after LoRACallback froze the base (BackboneFinetuning or another BaseFinetuning "
+            f"callback?). The exported adapter carries only LoRA and modules_to_save, so it would lack them: keep "
+            f"the base frozen, or list the modules to train whole in modules_to_save"
         )
 
 

@@ -802,3 +802,38 @@ def test_a_model_saved_as_hyperparameter_stays_out_of_the_checkpoint(tmp_path):
     module.eval()
     with torch.no_grad():
         assert torch.equal(loaded(BATCH), module(BATCH))
+
+
+class WithBackbone(Classifier):
+    """`net.fc1` and `net.fc2` as the ``backbone`` that Lightning's BackboneFinetuning freezes and later unfreezes."""
+
+    @property
+    def backbone(self) -> nn.Module:
+        return nn.ModuleList([self.net.fc1, self.net.fc2])
+
+
+def test_a_finetuning_callback_that_unfreezes_the_base_is_refused(tmp_path):
+    """BackboneFinetuning unfroze the whole backbone, base weights included, at its epoch: they trained, and the
+    exported adapter silently lacked them. Unfreezing only the adapter's own tensors stays allowed."""
+    from lightning.pytorch.callbacks import BackboneFinetuning, BaseFinetuning
+
+    class HeadLater(BaseFinetuning):
+        def freeze_before_training(self, pl_module: L.LightningModule) -> None:
+            self.freeze(pl_module.net.head)
+
+        def finetune_function(self, pl_module: L.LightningModule, epoch: int, optimizer) -> None:
+            if epoch == 1:
+                self.unfreeze_and_add_param_group(pl_module.net.head, optimizer)
+
+    module, fresh = WithBackbone(), Classifier()
+    callbacks = [LoRACallback(r=4, target_modules=["fc1", "fc2"], modules_to_save=["head"]), HeadLater()]
+    fit(module, tmp_path, callbacks, max_epochs=2)
+    assert all_b_nonzero(module) and not torch.equal(module.net.head.weight, fresh.net.head.weight)
+
+    module = WithBackbone()
+    callbacks = [LoRACallback(r=4, target_modules=["fc1", "fc2"], modules_to_save=["head"]),
+                 BackboneFinetuning(unfreeze_backbone_at_epoch=1)]
+    with pytest.raises(ConfigError, match=r"4 parameters outside the LoRA adapter are trainable \(e.g. "
+                                          r"'net.fc1.base_layer.weight'\): something unfroze them"):
+        fit(module, tmp_path, callbacks, max_epochs=2)
+    assert torch.equal(module.net.fc1.base_layer.weight, fresh.net.fc1.weight)
