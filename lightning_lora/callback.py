@@ -500,11 +500,15 @@ def _adapter_only(module: nn.Module, target: nn.Module, config: LoRAConfig,
                   state_dict: dict[str, Any]) -> dict[str, Any]:
     """`state_dict` cut down to the trainable tensors plus the buffers that training changes and resuming or
     loading needs: those of modules_to_save and normalization layers' running statistics (updated in training
-    mode even when frozen). Other frozen buffers are constant and stay out."""
+    mode even when frozen). Other frozen buffers are constant and stay out. The adapter's own tensors are kept even
+    while frozen (a BaseFinetuning callback that trains the head first, LoRA from a later epoch): A starts random,
+    so resuming or loading needs it."""
+    params = _adapter_param_ids(target, config)
     buffers = {id(b) for b in extra_buffers(target, config).values()}
     buffers |= {id(b) for m in module.modules() if _tracks_statistics(m) for b in m.buffers(recurse=False)}
-    keep = _trainable_names(module) | {_clean(n) for n, b in module.named_buffers(remove_duplicate=False)
-                                       if id(b) in buffers}
+    keep = _trainable_names(module) | {_clean(n) for n, p in module.named_parameters(remove_duplicate=False)
+                                       if id(p) in params}
+    keep |= {_clean(n) for n, b in module.named_buffers(remove_duplicate=False) if id(b) in buffers}
     return {k: v for k, v in state_dict.items() if _clean(k) in keep}
 
 
@@ -765,8 +769,7 @@ def _check_only_adapter_trains(pl_module: nn.Module, target: nn.Module, config: 
     """Raise if a parameter outside the adapter trains: something unfroze the base after injection (a BaseFinetuning
     callback such as BackboneFinetuning unfreezes whole modules at some epoch). The checkpoints would keep those
     weights, but the PEFT export carries only the adapter and modules_to_save, so it would silently lack them."""
-    adapter = {id(p) for _, layer in lora_layers(target) for name in layer.lora_a for p in layer.adapter_params(name)}
-    adapter |= {id(p) for p in extra_trainable(target, config).values()}
+    adapter = _adapter_param_ids(target, config)
     outside = [_clean(n) for n, p in pl_module.named_parameters() if p.requires_grad and id(p) not in adapter]
     if outside:
         raise ConfigError(
@@ -775,6 +778,13 @@ def _check_only_adapter_trains(pl_module: nn.Module, target: nn.Module, config: 
             f"callback?). The exported adapter carries only LoRA and modules_to_save, so it would lack them: keep "
             f"the base frozen, or list the modules to train whole in modules_to_save"
         )
+
+
+def _adapter_param_ids(target: nn.Module, config: LoRAConfig) -> set[int]:
+    """The ids of the adapter's own parameters (A, B, DoRA magnitudes, modules_to_save, trained biases), whether
+    or not they require grad right now."""
+    ids = {id(p) for _, layer in lora_layers(target) for name in layer.lora_a for p in layer.adapter_params(name)}
+    return ids | {id(p) for p in extra_trainable(target, config).values()}
 
 
 def _enable_input_grads_for_checkpointing(pl_module: nn.Module) -> None:

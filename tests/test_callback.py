@@ -837,3 +837,35 @@ def test_a_finetuning_callback_that_unfreezes_the_base_is_refused(tmp_path):
                                           r"'net.fc1.base_layer.weight'\): something unfroze them"):
         fit(module, tmp_path, callbacks, max_epochs=2)
     assert torch.equal(module.net.fc1.base_layer.weight, fresh.net.fc1.weight)
+
+
+def test_adapter_frozen_for_a_while_is_still_checkpointed(tmp_path):
+    """LP-FT (the head first, LoRA from epoch 1, by a BaseFinetuning callback): the checkpoints of epoch 0 lacked
+    A and B, frozen then, although A is random from the start: loading or resuming them failed or re-drew A."""
+    from lightning.pytorch.callbacks import BaseFinetuning
+
+    class LoRALater(BaseFinetuning):
+        def freeze_before_training(self, pl_module: L.LightningModule) -> None:
+            for param in self.lora_params(pl_module):
+                param.requires_grad_(False)
+
+        def finetune_function(self, pl_module: L.LightningModule, epoch: int, optimizer) -> None:
+            if epoch == 1:
+                params = [p.requires_grad_(True) for p in self.lora_params(pl_module)]
+                optimizer.add_param_group({"params": params})
+
+        @staticmethod
+        def lora_params(module: nn.Module) -> list[nn.Parameter]:
+            return [p for _, layer in lora_layers(module) for p in layer.adapter_params("default")]
+
+    module = Classifier()
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1)
+    lora = LoRACallback(r=4, target_modules=["fc1", "fc2"], modules_to_save=["head"])
+    fit(module, tmp_path, [lora, LoRALater(), ckpt], max_epochs=2)
+    assert all_b_nonzero(module)
+    first = tmp_path / "ckpt" / "epoch=0-step=4.ckpt"
+    assert set(torch.load(first, weights_only=True)["state_dict"]) == set(trainable(module))
+    resumed = Classifier()
+    fit(resumed, tmp_path / "resumed", [LoRACallback(r=4, target_modules=["fc1", "fc2"], modules_to_save=["head"]),
+                                        LoRALater()], ckpt_path=first, max_epochs=2)
+    assert all(torch.equal(trainable(resumed)[name], value) for name, value in trainable(module).items())
