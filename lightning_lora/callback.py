@@ -428,7 +428,7 @@ def load_lora_checkpoint(module: nn.Module | type[pl.LightningModule], ckpt_path
     callback = LoRACallback(LoRAConfig(**config), model_attr=record["model_attr"])
     callback.apply(module)
     _check_record(record, callback.resolved_config(module), fingerprint(callback._target(module)), ckpt_path)
-    module.load_state_dict(checkpoint["state_dict"], strict=True)
+    module.load_state_dict(_keys_as_in(module, checkpoint["state_dict"]), strict=True)
     return module
 
 
@@ -484,6 +484,18 @@ def _chain(module: nn.Module, hook: str, callback: LoRACallback, after: str) -> 
 def _unchain(module: nn.Module, hook: str) -> None:
     if isinstance(module.__dict__.get(hook), _Chain):
         del module.__dict__[hook]
+
+
+def _keys_as_in(module: nn.Module, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """`state_dict` with its keys spelled as `module`'s own, as to `torch.compile`'s ``_orig_mod`` segments: a
+    checkpoint written while a submodule was compiled (``self.model = torch.compile(model)``) loads into the plain
+    module, and the other way round."""
+    own = {_uncompiled(k): k for k in module.state_dict()}
+    return {own.get(_uncompiled(k), k): v for k, v in state_dict.items()}
+
+
+def _uncompiled(name: str) -> str:
+    return ".".join(p for p in name.split(".") if p != "_orig_mod")
 
 
 def _trainable_names(module: nn.Module) -> set[str]:

@@ -869,3 +869,19 @@ def test_adapter_frozen_for_a_while_is_still_checkpointed(tmp_path):
     fit(resumed, tmp_path / "resumed", [LoRACallback(r=4, target_modules=["fc1", "fc2"], modules_to_save=["head"]),
                                         LoRALater()], ckpt_path=first, max_epochs=2)
     assert all(torch.equal(trainable(resumed)[name], value) for name, value in trainable(module).items())
+
+
+def test_checkpoint_of_a_compiled_submodule_loads_into_the_plain_module(tmp_path):
+    """Trained with ``self.model = torch.compile(model)``, the checkpoint's keys hold ``_orig_mod``: loading it into
+    the module built plainly (for inference) failed on every key."""
+    module = CausalLM()
+    module.model = torch.compile(module.model, backend="eager")
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt")
+    fit(module, tmp_path, [LoRACallback(r=4, alpha=8, model_attr="model"), ckpt], max_steps=2)
+    assert all("._orig_mod." in k for k in torch.load(ckpt.best_model_path, weights_only=True)["state_dict"])
+    plain = module.model._orig_mod.eval()
+    with torch.no_grad():
+        expected = plain(input_ids=BATCH).logits
+        for loaded in (load_lora_checkpoint(CausalLM, ckpt.best_model_path), load_lora_checkpoint(
+                CausalLM(), ckpt.best_model_path)):
+            assert torch.equal(loaded.eval()(BATCH), expected)
