@@ -236,7 +236,7 @@ class LoRACallback(Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         if batch_idx == 0:  # after every callback's on_train_epoch_start, where BaseFinetuning callbacks unfreeze
-            _check_only_adapter_trains(pl_module, self._target(pl_module), self.resolved_config(pl_module))
+            _check_only_adapter_trains(self._target(pl_module), self.resolved_config(pl_module))
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         self._step_epoch = trainer.current_epoch  # by on_train_end Lightning has counted that epoch as done
@@ -777,12 +777,13 @@ def _check_optimizers(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Non
         )
 
 
-def _check_only_adapter_trains(pl_module: nn.Module, target: nn.Module, config: LoRAConfig) -> None:
-    """Raise if a parameter outside the adapter trains: something unfroze the base after injection (a BaseFinetuning
-    callback such as BackboneFinetuning unfreezes whole modules at some epoch). The checkpoints would keep those
-    weights, but the PEFT export carries only the adapter and modules_to_save, so it would silently lack them."""
+def _check_only_adapter_trains(target: nn.Module, config: LoRAConfig) -> None:
+    """Raise if a parameter of the adapted model outside the adapter trains: something unfroze the base after
+    injection (a BaseFinetuning callback such as BackboneFinetuning unfreezes whole modules at some epoch). The
+    checkpoints would keep those weights, but the PEFT export carries only the adapter and modules_to_save, so it
+    would silently lack them. (Parameters outside `model_attr` are not the export's to carry.)"""
     adapter = _adapter_param_ids(target, config)
-    outside = [_clean(n) for n, p in pl_module.named_parameters() if p.requires_grad and id(p) not in adapter]
+    outside = [_clean(n) for n, p in target.named_parameters() if p.requires_grad and id(p) not in adapter]
     if outside:
         raise ConfigError(
             f"{len(outside)} parameters outside the LoRA adapter are trainable (e.g. {outside[0]!r}): something "
