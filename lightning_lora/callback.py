@@ -36,7 +36,15 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from .config import ConfigError, LoRAConfig, checked_config
-from .inject import adapter_configs, extra_buffers, inject, lora_layers, resolve_config, same_adapter
+from .inject import (
+    adapter_configs,
+    extra_buffers,
+    extra_trainable,
+    inject,
+    lora_layers,
+    resolve_config,
+    same_adapter,
+)
 from .io import WRAPPER_SEGMENTS, architecture, atomic_write, fingerprint, remove_stale_temps, save_adapter
 from .quant import is_quantized
 from .summary import LoRASummary, summarize
@@ -135,6 +143,7 @@ class LoRACallback(Callback):
         # "last": global step, "best": ModelCheckpoint's (monitor, path, score) of the last export
         self._exported: dict[str, Any] = {}
         self._step_epoch: int | None = None  # the epoch of the last training step (Lightning's, from 0)
+        self._training = False  # from on_train_start to the next setup: the checkpoints saved then are exported
 
     # -- public --------------------------------------------------------------------------------------------
     def apply(self, module: nn.Module) -> LoRASummary:
@@ -177,6 +186,7 @@ class LoRACallback(Callback):
                 "freeze the first's; adapt several models with one callback (model_attr=None, target_modules "
                 "naming layers in each, e.g. ['enc.0', 'dec.0'])"
             )
+        self._training = False
         _check_fsdp_settings(trainer.strategy, self.config)
         if stage == "fit":
             _check_averaging_order(trainer, self)
@@ -221,6 +231,12 @@ class LoRACallback(Callback):
         # fit) was exported when its file was written, or belongs to weights this run no longer holds: export
         # `best` only when it changes from here on.
         self._exported["best"] = _best_checkpoint(trainer)
+        self._training = True
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if batch_idx == 0:  # after every callback's on_train_epoch_start, where BaseFinetuning callbacks unfreeze
+            _check_only_adapter_trains(self._target(pl_module), self.resolved_config(pl_module))
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         self._step_epoch = trainer.current_epoch  # by on_train_end Lightning has counted that epoch as done
@@ -239,12 +255,15 @@ class LoRACallback(Callback):
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         target, config = self._target(pl_module), self.resolved_config(pl_module)
         checkpoint["state_dict"] = _adapter_only(pl_module, target, config, checkpoint["state_dict"])
+        _drop_module_hyperparameters(checkpoint)
         checkpoint[RECORD_KEY] = {
             "config": config.to_dict(),
             "fingerprint": fingerprint(target),
             "model_attr": self.model_attr,
         }
-        if self.adapter_dir is not None:
+        if self.adapter_dir is not None and self._training:
+            # Not the snapshot that Lightning's Tuner (lr_find, scale_batch_size) saves before its trial steps and
+            # restores after them: the weights it holds were not trained, and must not replace an exported adapter.
             self._export_checkpoint(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -409,7 +428,7 @@ def load_lora_checkpoint(module: nn.Module | type[pl.LightningModule], ckpt_path
     callback = LoRACallback(LoRAConfig(**config), model_attr=record["model_attr"])
     callback.apply(module)
     _check_record(record, callback.resolved_config(module), fingerprint(callback._target(module)), ckpt_path)
-    module.load_state_dict(checkpoint["state_dict"], strict=True)
+    module.load_state_dict(_keys_as_in(module, checkpoint["state_dict"]), strict=True)
     return module
 
 
@@ -467,6 +486,18 @@ def _unchain(module: nn.Module, hook: str) -> None:
         del module.__dict__[hook]
 
 
+def _keys_as_in(module: nn.Module, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """`state_dict` with its keys spelled as `module`'s own, as to `torch.compile`'s ``_orig_mod`` segments: a
+    checkpoint written while a submodule was compiled (``self.model = torch.compile(model)``) loads into the plain
+    module, and the other way round."""
+    own = {_uncompiled(k): k for k in module.state_dict()}
+    return {own.get(_uncompiled(k), k): v for k, v in state_dict.items()}
+
+
+def _uncompiled(name: str) -> str:
+    return ".".join(p for p in name.split(".") if p != "_orig_mod")
+
+
 def _trainable_names(module: nn.Module) -> set[str]:
     return {_clean(n) for n, p in module.named_parameters(remove_duplicate=False) if p.requires_grad}
 
@@ -481,12 +512,27 @@ def _adapter_only(module: nn.Module, target: nn.Module, config: LoRAConfig,
                   state_dict: dict[str, Any]) -> dict[str, Any]:
     """`state_dict` cut down to the trainable tensors plus the buffers that training changes and resuming or
     loading needs: those of modules_to_save and normalization layers' running statistics (updated in training
-    mode even when frozen). Other frozen buffers are constant and stay out."""
+    mode even when frozen). Other frozen buffers are constant and stay out. The adapter's own tensors are kept even
+    while frozen (a BaseFinetuning callback that trains the head first, LoRA from a later epoch): A starts random,
+    so resuming or loading needs it."""
+    params = _adapter_param_ids(target, config)
     buffers = {id(b) for b in extra_buffers(target, config).values()}
     buffers |= {id(b) for m in module.modules() if _tracks_statistics(m) for b in m.buffers(recurse=False)}
-    keep = _trainable_names(module) | {_clean(n) for n, b in module.named_buffers(remove_duplicate=False)
-                                       if id(b) in buffers}
+    keep = _trainable_names(module) | {_clean(n) for n, p in module.named_parameters(remove_duplicate=False)
+                                       if id(p) in params}
+    keep |= {_clean(n) for n, b in module.named_buffers(remove_duplicate=False) if id(b) in buffers}
     return {k: v for k, v in state_dict.items() if _clean(k) in keep}
+
+
+def _drop_module_hyperparameters(checkpoint: dict[str, Any]) -> None:
+    """Leave out the hyperparameters that are modules (``self.save_hyperparameters()`` in an ``__init__`` taking
+    the model, which Lightning only warns about): pickled whole, they put the full base model back into the
+    adapter-only checkpoint, and `torch.load(weights_only=True)` (resume, `load_lora_checkpoint`) cannot read it.
+    Loading the module from its class then needs them again: ``load_lora_checkpoint(MyModule, ckpt, model=...)``."""
+    for key in (pl.LightningModule.CHECKPOINT_HYPER_PARAMS_KEY, pl.LightningDataModule.CHECKPOINT_HYPER_PARAMS_KEY):
+        hparams = checkpoint.get(key)
+        if isinstance(hparams, dict) and any(isinstance(v, nn.Module) for v in hparams.values()):
+            checkpoint[key] = {k: v for k, v in hparams.items() if not isinstance(v, nn.Module)}
 
 
 def _tracks_statistics(module: nn.Module) -> bool:
@@ -729,6 +775,29 @@ def _check_optimizers(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Non
             f"before LoRACallback injected them (in __init__?). Build it in configure_optimizers from "
             f"[p for p in self.parameters() if p.requires_grad]."
         )
+
+
+def _check_only_adapter_trains(target: nn.Module, config: LoRAConfig) -> None:
+    """Raise if a parameter of the adapted model outside the adapter trains: something unfroze the base after
+    injection (a BaseFinetuning callback such as BackboneFinetuning unfreezes whole modules at some epoch). The
+    checkpoints would keep those weights, but the PEFT export carries only the adapter and modules_to_save, so it
+    would silently lack them. (Parameters outside `model_attr` are not the export's to carry.)"""
+    adapter = _adapter_param_ids(target, config)
+    outside = [_clean(n) for n, p in target.named_parameters() if p.requires_grad and id(p) not in adapter]
+    if outside:
+        raise ConfigError(
+            f"{len(outside)} parameters outside the LoRA adapter are trainable (e.g. {outside[0]!r}): something "
+            f"unfroze them after LoRACallback froze the base (BackboneFinetuning or another BaseFinetuning "
+            f"callback?). The exported adapter carries only LoRA and modules_to_save, so it would lack them: keep "
+            f"the base frozen, or list the modules to train whole in modules_to_save"
+        )
+
+
+def _adapter_param_ids(target: nn.Module, config: LoRAConfig) -> set[int]:
+    """The ids of the adapter's own parameters (A, B, DoRA magnitudes, modules_to_save, trained biases), whether
+    or not they require grad right now."""
+    ids = {id(p) for _, layer in lora_layers(target) for name in layer.lora_a for p in layer.adapter_params(name)}
+    return ids | {id(p) for p in extra_trainable(target, config).values()}
 
 
 def _enable_input_grads_for_checkpointing(pl_module: nn.Module) -> None:

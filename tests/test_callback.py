@@ -756,3 +756,132 @@ def test_stochastic_weight_averaging_checkpoints_stay_adapter_only_and_resume(tm
     assert set(average) == set(saved["state_dict"]) == set(trainable(first.lightning_module))
     resumed = run(3, ckpt_path=tmp_path / "ckpt" / "epoch=1-step=8.ckpt")
     assert resumed.global_step == 12
+
+
+def test_tuner_snapshots_leave_the_exported_adapter_alone(tmp_path):
+    """lr_find (and scale_batch_size) save a snapshot of the untrained module before their trial steps (and restore
+    it after them): its export replaced a trained `last` with an adapter whose B is all zeros."""
+    from lightning.pytorch.tuner import Tuner
+
+    fit(CausalLM(), tmp_path, [LoRACallback(r=2, model_attr="model", adapter_dir=tmp_path / "ad")], max_steps=2)
+    exported = (tmp_path / "ad" / "last" / "adapter_model.safetensors").read_bytes()
+    module = CausalLM()
+    trainer = L.Trainer(**trainer_kwargs(tmp_path, callbacks=[LoRACallback(r=2, model_attr="model",
+                                                                           adapter_dir=tmp_path / "ad")],
+                                         max_steps=2))
+    Tuner(trainer).lr_find(module, num_training=3, min_lr=1e-3, max_lr=1e-2, update_attr=False)
+    assert not all_b_nonzero(module)  # the tuner restored the untrained adapter
+    assert (tmp_path / "ad" / "last" / "adapter_model.safetensors").read_bytes() == exported
+    trainer.fit(module)
+    assert all_b_nonzero(module)
+    loaded = load_file(tmp_path / "ad" / "last" / "adapter_model.safetensors")
+    assert loaded.keys() == {k for k in adapter_state_dict(module.model)} and all(
+        torch.equal(v, adapter_state_dict(module.model)[k]) for k, v in loaded.items())
+
+
+class TakesTheModel(CausalLM):
+    """``save_hyperparameters()`` in an ``__init__`` that takes the model: Lightning warns, and saves the model."""
+
+    def __init__(self, model: nn.Module, lr: float = 0.05, scheduler: bool = False) -> None:
+        super().__init__(lr=lr, scheduler=scheduler)
+        self.save_hyperparameters()
+        self.model = model
+
+
+def test_a_model_saved_as_hyperparameter_stays_out_of_the_checkpoint(tmp_path):
+    """The whole base model went into the adapter-only checkpoint, pickled under ``hyper_parameters``, where
+    `torch.load(weights_only=True)` (resume, `load_lora_checkpoint`) refused it."""
+    module = TakesTheModel(tiny_gpt2(0))
+    assert "model" in module.hparams
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt")
+    fit(module, tmp_path, [LoRACallback(r=4, model_attr="model"), ckpt], max_steps=2)
+    checkpoint = torch.load(ckpt.best_model_path, weights_only=True)
+    assert "model" not in checkpoint["hyper_parameters"] and checkpoint["hyper_parameters"]["lr"] == 0.05
+    assert set(checkpoint["state_dict"]) == set(trainable(module)) and "model" in module.hparams
+    loaded = load_lora_checkpoint(TakesTheModel, ckpt.best_model_path, model=tiny_gpt2(0)).eval()
+    module.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(BATCH), module(BATCH))
+
+
+class WithBackbone(Classifier):
+    """`net.fc1` and `net.fc2` as the ``backbone`` that Lightning's BackboneFinetuning freezes and later unfreezes."""
+
+    @property
+    def backbone(self) -> nn.Module:
+        return nn.ModuleList([self.net.fc1, self.net.fc2])
+
+
+def test_a_finetuning_callback_that_unfreezes_the_base_is_refused(tmp_path):
+    """BackboneFinetuning unfroze the whole backbone, base weights included, at its epoch: they trained, and the
+    exported adapter silently lacked them. Unfreezing only the adapter's own tensors stays allowed."""
+    from lightning.pytorch.callbacks import BackboneFinetuning, BaseFinetuning
+
+    class HeadLater(BaseFinetuning):
+        def freeze_before_training(self, pl_module: L.LightningModule) -> None:
+            self.freeze(pl_module.net.head)
+
+        def finetune_function(self, pl_module: L.LightningModule, epoch: int, optimizer) -> None:
+            if epoch == 1:
+                self.unfreeze_and_add_param_group(pl_module.net.head, optimizer)
+
+    module, fresh = WithBackbone(), Classifier()
+    callbacks = [LoRACallback(r=4, target_modules=["fc1", "fc2"], modules_to_save=["head"]), HeadLater()]
+    fit(module, tmp_path, callbacks, max_epochs=2)
+    assert all_b_nonzero(module) and not torch.equal(module.net.head.weight, fresh.net.head.weight)
+
+    module = WithBackbone()
+    callbacks = [LoRACallback(r=4, target_modules=["fc1", "fc2"], modules_to_save=["head"]),
+                 BackboneFinetuning(unfreeze_backbone_at_epoch=1)]
+    with pytest.raises(ConfigError, match=r"4 parameters outside the LoRA adapter are trainable \(e.g. "
+                                          r"'net.fc1.base_layer.weight'\): something unfroze them"):
+        fit(module, tmp_path, callbacks, max_epochs=2)
+    assert torch.equal(module.net.fc1.base_layer.weight, fresh.net.fc1.weight)
+
+
+def test_adapter_frozen_for_a_while_is_still_checkpointed(tmp_path):
+    """LP-FT (the head first, LoRA from epoch 1, by a BaseFinetuning callback): the checkpoints of epoch 0 lacked
+    A and B, frozen then, although A is random from the start: loading or resuming them failed or re-drew A."""
+    from lightning.pytorch.callbacks import BaseFinetuning
+
+    class LoRALater(BaseFinetuning):
+        def freeze_before_training(self, pl_module: L.LightningModule) -> None:
+            for param in self.lora_params(pl_module):
+                param.requires_grad_(False)
+
+        def finetune_function(self, pl_module: L.LightningModule, epoch: int, optimizer) -> None:
+            if epoch == 1:
+                params = [p.requires_grad_(True) for p in self.lora_params(pl_module)]
+                optimizer.add_param_group({"params": params})
+
+        @staticmethod
+        def lora_params(module: nn.Module) -> list[nn.Parameter]:
+            return [p for _, layer in lora_layers(module) for p in layer.adapter_params("default")]
+
+    module = Classifier()
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1)
+    lora = LoRACallback(r=4, target_modules=["fc1", "fc2"], modules_to_save=["head"])
+    fit(module, tmp_path, [lora, LoRALater(), ckpt], max_epochs=2)
+    assert all_b_nonzero(module)
+    first = tmp_path / "ckpt" / "epoch=0-step=4.ckpt"
+    assert set(torch.load(first, weights_only=True)["state_dict"]) == set(trainable(module))
+    resumed = Classifier()
+    fit(resumed, tmp_path / "resumed", [LoRACallback(r=4, target_modules=["fc1", "fc2"], modules_to_save=["head"]),
+                                        LoRALater()], ckpt_path=first, max_epochs=2)
+    assert all(torch.equal(trainable(resumed)[name], value) for name, value in trainable(module).items())
+
+
+def test_checkpoint_of_a_compiled_submodule_loads_into_the_plain_module(tmp_path):
+    """Trained with ``self.model = torch.compile(model)``, the checkpoint's keys hold ``_orig_mod``: loading it into
+    the module built plainly (for inference) failed on every key."""
+    module = CausalLM()
+    module.model = torch.compile(module.model, backend="eager")
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt")
+    fit(module, tmp_path, [LoRACallback(r=4, alpha=8, model_attr="model"), ckpt], max_steps=2)
+    assert all("._orig_mod." in k for k in torch.load(ckpt.best_model_path, weights_only=True)["state_dict"])
+    plain = module.model._orig_mod.eval()
+    with torch.no_grad():
+        expected = plain(input_ids=BATCH).logits
+        for loaded in (load_lora_checkpoint(CausalLM, ckpt.best_model_path), load_lora_checkpoint(
+                CausalLM(), ckpt.best_model_path)):
+            assert torch.equal(loaded.eval()(BATCH), expected)
