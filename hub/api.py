@@ -54,7 +54,7 @@ from .errors import (
     VersionExists,
     VersionNotFound,
 )
-from .merging import merge_into
+from .merging import check_out_dir, dtype_of, merge_into
 from .versions import FIRST, Range, Version, check_repo_id, from_tags, parse_spec
 
 _BASE_LINE = "base_model: "
@@ -373,6 +373,8 @@ def merge(
     ``max_diff`` is the largest absolute difference between the merged model's output and the unmerged
     adapter's on a fixed probe batch: float32 rounding only, unless something is wrong.
     """
+    check_out_dir(Path(out_dir))  # every argument before the downloads, which for a base may take long
+    dtype_of(dtype)
     if push_to:
         _check_push_to(HfApi(endpoint=endpoint, token=token), check_repo_id(push_to))
     adapter, adapter_info = _local_or_pulled(spec_or_dir, endpoint, token, cache_dir)

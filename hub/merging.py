@@ -30,7 +30,7 @@ def merge_into(adapter_dir: Path, info: AdapterInfo, base_dir: Path, out_dir: Pa
     import torch
 
     check_out_dir(out_dir)
-    target = _dtype(dtype)
+    target = dtype_of(dtype)
     model, config = _load_base(base_dir, info)
     if target is None:
         saved = getattr(config, "dtype", None) or torch.float32
@@ -99,7 +99,8 @@ def _one_line(err: Exception) -> str:
     return " ".join(str(err).strip().splitlines()[:1]) or type(err).__name__
 
 
-def _dtype(name: str | None):
+def dtype_of(name: str | None):
+    """The torch dtype a ``--dtype`` names (None: None); HubError for any other than the three a model is saved in."""
     import torch
 
     if name is None:

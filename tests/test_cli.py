@@ -235,3 +235,15 @@ def test_out_that_is_a_file_is_refused(tmp_path):
         result = run(*args, "--out", tmp_path / "taken", code=1)
         one_line_error(result, r"taken already exists and is a file; choose another --out or delete it$")
     assert (tmp_path / "taken").read_text() == "mine"
+
+
+def test_merge_checks_its_arguments_before_downloading(hub_server, published, tmp_path):
+    """A taken --out or a wrong --dtype is refused before the adapter and the base (gigabytes, for a real base)
+    are downloaded, not after."""
+    repo, _ = published
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "mine.txt").write_text("mine")
+    for options, pattern in ((["--out", tmp_path / "taken"], r"taken already exists and is not empty"),
+                             (["--out", tmp_path / "m", "--dtype", "fp16"], r"dtype 'fp16' is not supported")):
+        one_line_error(run("merge", f"{repo}@1.0.0", "--base", "me/some-base", *options, code=1), pattern)
+    assert not any((tmp_path / "hf-home").rglob("*.safetensors")), "something was downloaded"
