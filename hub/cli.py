@@ -260,7 +260,7 @@ def _number(token: str) -> float | None:
 def serve(
     root: Annotated[Path, typer.Option(help="Where repos are stored.")] = Path("lora-hub-data"),
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port (0: any free one).")] = 8000,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free one).")] = 8000,
     token: Annotated[str | None, typer.Option(envvar="LORA_HUB_TOKEN", show_envvar=True, show_default=False,
                                               help="Require this token for writes and private repos.")] = None,
 ) -> None:

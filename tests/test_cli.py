@@ -191,6 +191,7 @@ def test_user_text_is_printed_verbatim(hub_server, tmp_path):
     (["frob"], r"^error: No such command 'frob'; see `lora-hub --help`$"),
     (["pull", "me/a", "--too", "x"], r"^error: No such option: --too \(Possible options: --to\); see `lora-hub pull --help`$"),
     (["serve", "--port", "abc"], r"^error: Invalid value for '--port': .*; see `lora-hub serve --help`$"),
+    (["serve", "--port", "99999"], r"^error: Invalid value for '--port': .*65535; see `lora-hub serve --help`$"),
 ])
 def test_usage_errors_are_one_line(args, pattern):
     """Click's own errors (before a verb runs) end like the verbs' errors: one line, exit code 2."""
