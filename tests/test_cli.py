@@ -248,3 +248,11 @@ def test_merge_checks_its_arguments_before_downloading(hub_server, published, tm
                              (["--out", tmp_path / "m", "--dtype", "fp16"], r"dtype 'fp16' is not supported")):
         one_line_error(run("merge", f"{repo}@1.0.0", "--base", "me/some-base", *options, code=1), pattern)
     assert not any((tmp_path / "hf-home").rglob("*.safetensors")), "something was downloaded"
+
+
+def test_a_png_that_cannot_be_written_is_named(tmp_path):
+    """The error names the --png the user gave, not the temporary file written beside it."""
+    saved_adapter(tmp_path / "adapter")
+    (tmp_path / "phi.png").mkdir()
+    result = run("compare", tmp_path / "adapter", tmp_path / "adapter", "--png", tmp_path / "phi.png", code=1)
+    one_line_error(result, rf"^error: Is a directory: {tmp_path / 'phi.png'}$")
