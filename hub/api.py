@@ -260,6 +260,8 @@ def pull(
 def _pull(spec: str, local_dir, endpoint, token, cache_dir) -> tuple[Path, AdapterInfo]:
     """`pull`, also returning the validated adapter's info (so callers need not read it again)."""
     repo_id, wanted = parse_spec(spec)
+    if local_dir is not None and Path(local_dir).exists() and not Path(local_dir).is_dir():
+        raise HubError(f"{local_dir} already exists and is a file; choose another --to (a folder) or delete it")
     api = HfApi(endpoint=endpoint, token=token)
     offline = huggingface_hub.is_offline_mode()
     with _translate(api, repo_id):

@@ -238,6 +238,15 @@ def test_out_that_is_a_file_is_refused(tmp_path):
     assert (tmp_path / "taken").read_text() == "mine"
 
 
+def test_to_that_is_a_file_is_refused(hub_server, published, tmp_path):
+    repo, _ = published
+    (tmp_path / "taken").write_text("mine")
+    result = run("pull", repo, "--to", tmp_path / "taken", code=1)
+    one_line_error(result, r"^error: .*taken already exists and is a file; choose another --to \(a folder\) or delete it$")
+    assert (tmp_path / "taken").read_text() == "mine"
+    assert not any((tmp_path / "hf-home").rglob("*.safetensors")), "downloaded before refusing"
+
+
 def test_merge_checks_its_arguments_before_downloading(hub_server, published, tmp_path):
     """A taken --out or a wrong --dtype is refused before the adapter and the base (gigabytes, for a real base)
     are downloaded, not after."""
