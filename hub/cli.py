@@ -57,10 +57,10 @@ class _Group(typer.core.TyperGroup):
 
 app = typer.Typer(name="lora-hub", help="Version, share and merge LoRA adapters through a Hugging Face-compatible "
                   "hub.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, cls=_Group)
-# No markup: what is printed holds the user's own text (paths, repo ids, commit messages), in which rich would
-# read "[...]" as a style tag, dropping it or failing on an unmatched "[/]".
-console = Console(highlight=False, soft_wrap=True, markup=False)
-_status = Console(stderr=True, markup=False)
+# No markup, no emoji codes: what is printed holds the user's own text (paths, repo ids, commit messages), in which
+# rich would read "[...]" as a style tag, dropping it or failing on an unmatched "[/]", and ":bug:" as an emoji.
+console = Console(highlight=False, soft_wrap=True, markup=False, emoji=False)
+_status = Console(stderr=True, markup=False, emoji=False)
 
 Endpoint = Annotated[str | None, typer.Option(
     "--endpoint", envvar="HF_ENDPOINT", show_envvar=True,

@@ -176,12 +176,12 @@ def test_merge_and_argument_errors_are_labelled(tmp_path):
 
 
 def test_user_text_is_printed_verbatim(hub_server, tmp_path):
-    """Commit messages, paths and specs are the user's text, not rich markup: brackets print as typed."""
+    """Commit messages, paths and specs are the user's text, not rich markup: brackets and :emoji: codes print as typed."""
     repo = f"me/cli-{uuid.uuid4().hex[:6]}"
     saved_adapter(tmp_path / "adapter")
-    run("push", tmp_path / "adapter", repo, "-m", "[/]a [b]c[/b]")
-    assert "[/]a [b]c[/b]" in run("versions", repo).stdout
-    target = tmp_path / "exp[lr=1e-4]" / "[red]out"
+    run("push", tmp_path / "adapter", repo, "-m", "[/]a [b]c[/b] :bug:")
+    assert "[/]a [b]c[/b] :bug:" in run("versions", repo).stdout
+    target = tmp_path / "exp[lr=1e-4]" / "[red]out:thumbs_up:"
     assert run("pull", repo, "--to", target).stdout.strip() == str(target)
     one_line_error(run("pull", f"{repo}@[/]1", code=2), r"'\[/\]1' is not a version or range")
 
