@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import ipaddress
 import logging
 import sys
 from collections.abc import Callable, Iterator
@@ -276,12 +277,23 @@ def serve(
             raise
         raise HubError(f"cannot listen on {host}:{port}: {err.strerror or err}; choose another --port (0: any free "
                        f"one) or --host") from None
+    if not token and not _loopback(host):
+        typer.echo(f"warning: {host} is reachable from other machines and there is no --token: anyone who can reach "
+                   f"port {server.url.rsplit(':', 1)[1]} can push to every repo and read the private ones; set "
+                   f"LORA_HUB_TOKEN (or --token)", err=True)
     console.print(f"lora-hub serving {root} at {server.url}  (export HF_ENDPOINT={server.url})"
                   + ("; writes need the token" if token else ""))
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         console.print("stopped")
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost: an address that other machines may reach
+        return False
 
 
 @contextlib.contextmanager

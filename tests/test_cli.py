@@ -150,6 +150,19 @@ def test_serve(tmp_path):
     assert server.returncode == 0 and "stopped" in out and "Traceback" not in err
 
 
+def test_serve_on_all_interfaces_without_a_token_warns(tmp_path):
+    server = subprocess.Popen([LORA_HUB, "serve", "--root", str(tmp_path / "root"), "--host", "0.0.0.0", "--port", "0"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        port = server.stdout.readline().split(" at ")[1].split()[0].rsplit(":", 1)[1]
+    finally:
+        server.send_signal(signal.SIGINT)
+        _, err = server.communicate(timeout=30)
+    want = (f"warning: 0.0.0.0 is reachable from other machines and there is no --token: anyone who can reach port "
+            f"{port} can push to every repo and read the private ones; set LORA_HUB_TOKEN (or --token)")
+    assert err.splitlines()[:1] == [want], err
+
+
 def test_serve_refuses_an_empty_token(tmp_path):
     bad = subprocess.run([LORA_HUB, "serve", "--root", str(tmp_path / "root"), "--port", "0", "--token", ""],
                          capture_output=True, text=True, timeout=60, check=False)  # a server that starts: timeout
