@@ -12,6 +12,7 @@ import functools
 import ipaddress
 import logging
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, TypeVar
@@ -323,4 +324,10 @@ def main() -> None:
     transformers_logging.disable_progress_bar()
     for name in ("torchao", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.showwarning = _show_warning
     app(prog_name="lora-hub")
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one line on stderr, like an error: not Python's two, the second the source line that warned."""
+    typer.echo("warning: " + " ".join(str(message).split()), err=True)

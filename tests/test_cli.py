@@ -134,6 +134,19 @@ def test_download_failure_is_one_line(hub_server, published, tmp_path):
     assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [want + " or HF_ENDPOINT"], bad.stderr
 
 
+def test_a_warning_is_one_line(hub_server, published, tmp_path):
+    """Offline, a cache of copies (symlinks disabled) cannot be verified: the warning is one line, no source line."""
+    repo, _ = published
+    env = {**os.environ, "HF_HOME": str(tmp_path / "copies-home"), "HF_HUB_DISABLE_SYMLINKS": "1"}
+    subprocess.run([LORA_HUB, "pull", repo], env=env, capture_output=True, timeout=120, check=True)
+    offline = subprocess.run([LORA_HUB, "pull", repo], env={**env, "HF_HUB_OFFLINE": "1"}, capture_output=True,
+                             text=True, timeout=120, check=True)
+    lines = offline.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"warning: {repo}@1.0.0: .gitattributes, README.md"), lines
+    assert lines[0].endswith("not verified: the cache holds copies, which keep no record of the hub's hashes "
+                             "(symlinks disabled); pull online to verify")
+
+
 def test_serve(tmp_path):
     server = subprocess.Popen([LORA_HUB, "serve", "--root", str(tmp_path / "root"), "--port", "0"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
