@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+import lightning_lora
 from lightning_lora.analysis import compare_subspaces, plot_similarity
 from lightning_lora.combine import METHODS
 from lightning_lora.combine import combine as combine_adapters
@@ -58,11 +59,26 @@ class _Group(typer.core.TyperGroup):
 
 
 app = typer.Typer(name="lora-hub", help="Version, share and merge LoRA adapters through a Hugging Face-compatible "
-                  "hub.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, cls=_Group)
+                  "hub.", epilog="Exit status: 0 done; 1 failed (one line on stderr says why); 2 a usage error (a missing "
+                  "or unknown argument or option, a value of the wrong type, a malformed repo id, version or range); "
+                  "130 interrupted.", no_args_is_help=True,
+                  add_completion=False, pretty_exceptions_enable=False, cls=_Group)
 # No markup, no emoji codes: what is printed holds the user's own text (paths, repo ids, commit messages), in which
 # rich would read "[...]" as a style tag, dropping it or failing on an unmatched "[/]", and ":bug:" as an emoji.
 console = Console(highlight=False, soft_wrap=True, markup=False, emoji=False)
 _status = Console(stderr=True, markup=False, emoji=False)
+
+def _print_version(value: bool) -> None:
+    if value:
+        console.print(f"lora-hub {lightning_lora.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                   help="Print the version and exit.")] = False) -> None:
+    """The options of `lora-hub` itself (before the command)."""
+
 
 Endpoint = Annotated[str | None, typer.Option(
     "--endpoint", envvar="HF_ENDPOINT", show_envvar=True,

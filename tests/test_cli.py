@@ -15,6 +15,7 @@ from conftest import HUB_TOKEN
 from helpers import Relay, saved_adapter, tiny_gpt2
 from typer.testing import CliRunner
 
+import lightning_lora
 from hub.cli import app
 from lightning_lora import validate_adapter
 
@@ -222,6 +223,11 @@ def test_user_text_is_printed_verbatim(hub_server, tmp_path):
 def test_usage_errors_are_one_line(args, pattern):
     """Click's own errors (before a verb runs) end like the verbs' errors: one line, exit code 2."""
     one_line_error(run(*args, code=2), pattern)
+
+
+def test_version_and_exit_codes_in_help():
+    assert run("--version").stdout == f"lora-hub {lightning_lora.__version__}\n"
+    assert "Exit status: 0 done; 1 failed" in " ".join(run("--help").stdout.split())
 
 
 def test_a_file_given_for_a_folder_is_named(hub_server, tmp_path, monkeypatch):
