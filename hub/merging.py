@@ -49,7 +49,10 @@ def merge_into(adapter_dir: Path, info: AdapterInfo, base_dir: Path, out_dir: Pa
             raise HubError(f"cannot fold the adapter into the base model in {base_dir}: {_one_line(err)}") from None
         max_diff = (before - _main_output(model(**probe))).abs().max().item()
     model.to(target)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    # An existing (empty) folder is filled, not replaced: renaming over `--out .` or a mount point fails, and
+    # would leave a shell standing in it in a deleted folder.
+    into = out_dir.is_dir()
+    tmp = out_dir / f".merging-{os.getpid()}" if into else out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         model.save_pretrained(tmp)
@@ -57,7 +60,11 @@ def merge_into(adapter_dir: Path, info: AdapterInfo, base_dir: Path, out_dir: Pa
             for path in base_dir.glob(pattern):
                 if path.is_file():
                     shutil.copyfile(path, tmp / path.name)
-        os.replace(tmp, out_dir)
+        if into:
+            for path in tmp.iterdir():
+                os.replace(path, out_dir / path.name)
+        else:
+            os.replace(tmp, out_dir)
     except OSError as err:
         raise HubError(f"cannot write the merged model to {out_dir}: {err.strerror or _one_line(err)}") from None
     finally:

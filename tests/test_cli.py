@@ -260,6 +260,17 @@ def test_serve_on_a_port_in_use_says_so(tmp_path):
                            r"--port \(0: any free one\) or --host$")
 
 
+def test_merge_into_the_current_empty_folder(tmp_path, monkeypatch):
+    """`--out .` in an empty folder (or an empty mount point) is filled; renaming over it failed after the merge."""
+    saved_adapter(tmp_path / "adapter")
+    tiny_gpt2().save_pretrained(tmp_path / "base")
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    assert "merged into ." in run("merge", tmp_path / "adapter", "--base", tmp_path / "base", "--out", ".").stdout
+    assert sorted(p.name for p in (tmp_path / "here").iterdir()) == [
+        "config.json", "generation_config.json", "model.safetensors"]
+
+
 def test_out_that_is_a_file_is_refused(tmp_path):
     saved_adapter(tmp_path / "adapter")
     tiny_gpt2().save_pretrained(tmp_path / "base")
