@@ -344,10 +344,13 @@ def file_hash(path: str | os.PathLike, algo: str) -> str:
 
 
 def _copy_files(snapshot: Path, target: Path) -> Path:
-    for path in sorted(snapshot.rglob("*")):
-        if path.is_file():
-            with atomic_write(target / path.relative_to(snapshot)) as tmp:
-                shutil.copyfile(path, tmp)
+    """Copy every file beside its place in `target`, and only once all are copied rename them into place: a
+    pull into a folder holding an earlier version that is interrupted or fails while copying leaves that version
+    whole, not its weights beside the new config."""
+    with contextlib.ExitStack() as renames:
+        for path in sorted(snapshot.rglob("*")):
+            if path.is_file():
+                shutil.copyfile(path, renames.enter_context(atomic_write(target / path.relative_to(snapshot))))
     return target
 
 

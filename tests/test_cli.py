@@ -281,6 +281,20 @@ def test_out_that_is_a_file_is_refused(tmp_path):
     assert (tmp_path / "taken").read_text() == "mine"
 
 
+def test_a_failed_pull_leaves_the_earlier_version_whole(hub_server, published, tmp_path):
+    """Pulling 1.0.1 over 1.0.0 fails at the weights (here a folder stands in their place): the config stays
+    1.0.0's, not 1.0.1's beside 1.0.0's weights."""
+    repo, _ = published
+    saved_adapter(tmp_path / "r8", r=8)
+    run("push", tmp_path / "r8", repo)
+    run("pull", f"{repo}@1.0.0", "--to", tmp_path / "x")
+    (tmp_path / "x" / "adapter_model.safetensors").unlink()
+    (tmp_path / "x" / "adapter_model.safetensors").mkdir()
+    one_line_error(run("pull", f"{repo}@1.0.1", "--to", tmp_path / "x", code=1), r"^error: Is a directory: ")
+    assert '"r": 4' in (tmp_path / "x" / "adapter_config.json").read_text()
+    assert not list((tmp_path / "x").glob(".*.tmp"))
+
+
 def test_to_that_is_a_file_is_refused(hub_server, published, tmp_path):
     repo, _ = published
     (tmp_path / "taken").write_text("mine")
