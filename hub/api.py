@@ -54,7 +54,7 @@ from .errors import (
     VersionExists,
     VersionNotFound,
 )
-from .merging import merge_into
+from .merging import check_out_dir, dtype_of, merge_into
 from .versions import FIRST, Range, Version, check_repo_id, from_tags, parse_spec
 
 _BASE_LINE = "base_model: "
@@ -260,6 +260,8 @@ def pull(
 def _pull(spec: str, local_dir, endpoint, token, cache_dir) -> tuple[Path, AdapterInfo]:
     """`pull`, also returning the validated adapter's info (so callers need not read it again)."""
     repo_id, wanted = parse_spec(spec)
+    if local_dir is not None and Path(local_dir).exists() and not Path(local_dir).is_dir():
+        raise HubError(f"{local_dir} already exists and is a file; choose another --to (a folder) or delete it")
     api = HfApi(endpoint=endpoint, token=token)
     offline = huggingface_hub.is_offline_mode()
     with _translate(api, repo_id):
@@ -342,10 +344,13 @@ def file_hash(path: str | os.PathLike, algo: str) -> str:
 
 
 def _copy_files(snapshot: Path, target: Path) -> Path:
-    for path in sorted(snapshot.rglob("*")):
-        if path.is_file():
-            with atomic_write(target / path.relative_to(snapshot)) as tmp:
-                shutil.copyfile(path, tmp)
+    """Copy every file beside its place in `target`, and only once all are copied rename them into place: a
+    pull into a folder holding an earlier version that is interrupted or fails while copying leaves that version
+    whole, not its weights beside the new config."""
+    with contextlib.ExitStack() as renames:
+        for path in sorted(snapshot.rglob("*")):
+            if path.is_file():
+                shutil.copyfile(path, renames.enter_context(atomic_write(target / path.relative_to(snapshot))))
     return target
 
 
@@ -373,6 +378,8 @@ def merge(
     ``max_diff`` is the largest absolute difference between the merged model's output and the unmerged
     adapter's on a fixed probe batch: float32 rounding only, unless something is wrong.
     """
+    check_out_dir(Path(out_dir))  # every argument before the downloads, which for a base may take long
+    dtype_of(dtype)
     if push_to:
         _check_push_to(HfApi(endpoint=endpoint, token=token), check_repo_id(push_to))
     adapter, adapter_info = _local_or_pulled(spec_or_dir, endpoint, token, cache_dir)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import ipaddress
 import logging
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, TypeVar
@@ -20,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+import lightning_lora
 from lightning_lora.analysis import compare_subspaces, plot_similarity
 from lightning_lora.combine import METHODS
 from lightning_lora.combine import combine as combine_adapters
@@ -56,11 +59,26 @@ class _Group(typer.core.TyperGroup):
 
 
 app = typer.Typer(name="lora-hub", help="Version, share and merge LoRA adapters through a Hugging Face-compatible "
-                  "hub.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, cls=_Group)
-# No markup: what is printed holds the user's own text (paths, repo ids, commit messages), in which rich would
-# read "[...]" as a style tag, dropping it or failing on an unmatched "[/]".
-console = Console(highlight=False, soft_wrap=True, markup=False)
-_status = Console(stderr=True, markup=False)
+                  "hub.", epilog="Exit status: 0 done; 1 failed (one line on stderr says why); 2 a usage error (a missing "
+                  "or unknown argument or option, a value of the wrong type, a malformed repo id, version or range); "
+                  "130 interrupted.", no_args_is_help=True,
+                  add_completion=False, pretty_exceptions_enable=False, cls=_Group)
+# No markup, no emoji codes: what is printed holds the user's own text (paths, repo ids, commit messages), in which
+# rich would read "[...]" as a style tag, dropping it or failing on an unmatched "[/]", and ":bug:" as an emoji.
+console = Console(highlight=False, soft_wrap=True, markup=False, emoji=False)
+_status = Console(stderr=True, markup=False, emoji=False)
+
+def _print_version(value: bool) -> None:
+    if value:
+        console.print(f"lora-hub {lightning_lora.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                   help="Print the version and exit.")] = False) -> None:
+    """The options of `lora-hub` itself (before the command)."""
+
 
 Endpoint = Annotated[str | None, typer.Option(
     "--endpoint", envvar="HF_ENDPOINT", show_envvar=True,
@@ -260,7 +278,7 @@ def _number(token: str) -> float | None:
 def serve(
     root: Annotated[Path, typer.Option(help="Where repos are stored.")] = Path("lora-hub-data"),
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port (0: any free one).")] = 8000,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free one).")] = 8000,
     token: Annotated[str | None, typer.Option(envvar="LORA_HUB_TOKEN", show_envvar=True, show_default=False,
                                               help="Require this token for writes and private repos.")] = None,
 ) -> None:
@@ -276,12 +294,23 @@ def serve(
             raise
         raise HubError(f"cannot listen on {host}:{port}: {err.strerror or err}; choose another --port (0: any free "
                        f"one) or --host") from None
+    if not token and not _loopback(host):
+        typer.echo(f"warning: {host} is reachable from other machines and there is no --token: anyone who can reach "
+                   f"port {server.url.rsplit(':', 1)[1]} can push to every repo and read the private ones; set "
+                   f"LORA_HUB_TOKEN (or --token)", err=True)
     console.print(f"lora-hub serving {root} at {server.url}  (export HF_ENDPOINT={server.url})"
                   + ("; writes need the token" if token else ""))
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         console.print("stopped")
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost: an address that other machines may reach
+        return False
 
 
 @contextlib.contextmanager
@@ -311,4 +340,10 @@ def main() -> None:
     transformers_logging.disable_progress_bar()
     for name in ("torchao", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.showwarning = _show_warning
     app(prog_name="lora-hub")
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one line on stderr, like an error: not Python's two, the second the source line that warned."""
+    typer.echo("warning: " + " ".join(str(message).split()), err=True)

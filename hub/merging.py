@@ -30,7 +30,7 @@ def merge_into(adapter_dir: Path, info: AdapterInfo, base_dir: Path, out_dir: Pa
     import torch
 
     check_out_dir(out_dir)
-    target = _dtype(dtype)
+    target = dtype_of(dtype)
     model, config = _load_base(base_dir, info)
     if target is None:
         saved = getattr(config, "dtype", None) or torch.float32
@@ -49,7 +49,10 @@ def merge_into(adapter_dir: Path, info: AdapterInfo, base_dir: Path, out_dir: Pa
             raise HubError(f"cannot fold the adapter into the base model in {base_dir}: {_one_line(err)}") from None
         max_diff = (before - _main_output(model(**probe))).abs().max().item()
     model.to(target)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    # An existing (empty) folder is filled, not replaced: renaming over `--out .` or a mount point fails, and
+    # would leave a shell standing in it in a deleted folder.
+    into = out_dir.is_dir()
+    tmp = out_dir / f".merging-{os.getpid()}" if into else out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         model.save_pretrained(tmp)
@@ -57,7 +60,11 @@ def merge_into(adapter_dir: Path, info: AdapterInfo, base_dir: Path, out_dir: Pa
             for path in base_dir.glob(pattern):
                 if path.is_file():
                     shutil.copyfile(path, tmp / path.name)
-        os.replace(tmp, out_dir)
+        if into:
+            for path in tmp.iterdir():
+                os.replace(path, out_dir / path.name)
+        else:
+            os.replace(tmp, out_dir)
     except OSError as err:
         raise HubError(f"cannot write the merged model to {out_dir}: {err.strerror or _one_line(err)}") from None
     finally:
@@ -99,7 +106,8 @@ def _one_line(err: Exception) -> str:
     return " ".join(str(err).strip().splitlines()[:1]) or type(err).__name__
 
 
-def _dtype(name: str | None):
+def dtype_of(name: str | None):
+    """The torch dtype a ``--dtype`` names (None: None); HubError for any other than the three a model is saved in."""
     import torch
 
     if name is None:

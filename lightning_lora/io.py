@@ -87,7 +87,8 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     removed. Readers see the old file or the new one, never a half-written one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with _naming(path):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -95,9 +96,20 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         tmp.chmod(0o644)  # mkstemp creates 0600; adapters and checkpoints are meant to be shared
-        os.replace(tmp, path)
+        with _naming(path):
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """An OSError raised inside names `path`, not the temporary file beside it that the failing call was given:
+    "Is a directory: out/phi.png" rather than "Is a directory: out/.phi.png.x1y2z3.tmp"."""
+    try:
+        yield
+    except OSError as err:
+        raise OSError(err.errno, err.strerror, str(path)) from None
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ from conftest import HUB_TOKEN
 from helpers import Relay, saved_adapter, tiny_gpt2
 from typer.testing import CliRunner
 
+import lightning_lora
 from hub.cli import app
 from lightning_lora import validate_adapter
 
@@ -134,6 +135,19 @@ def test_download_failure_is_one_line(hub_server, published, tmp_path):
     assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [want + " or HF_ENDPOINT"], bad.stderr
 
 
+def test_a_warning_is_one_line(hub_server, published, tmp_path):
+    """Offline, a cache of copies (symlinks disabled) cannot be verified: the warning is one line, no source line."""
+    repo, _ = published
+    env = {**os.environ, "HF_HOME": str(tmp_path / "copies-home"), "HF_HUB_DISABLE_SYMLINKS": "1"}
+    subprocess.run([LORA_HUB, "pull", repo], env=env, capture_output=True, timeout=120, check=True)
+    offline = subprocess.run([LORA_HUB, "pull", repo], env={**env, "HF_HUB_OFFLINE": "1"}, capture_output=True,
+                             text=True, timeout=120, check=True)
+    lines = offline.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"warning: {repo}@1.0.0: .gitattributes, README.md"), lines
+    assert lines[0].endswith("not verified: the cache holds copies, which keep no record of the hub's hashes "
+                             "(symlinks disabled); pull online to verify")
+
+
 def test_serve(tmp_path):
     server = subprocess.Popen([LORA_HUB, "serve", "--root", str(tmp_path / "root"), "--port", "0"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -148,6 +162,19 @@ def test_serve(tmp_path):
         server.send_signal(signal.SIGINT)
         out, err = server.communicate(timeout=30)
     assert server.returncode == 0 and "stopped" in out and "Traceback" not in err
+
+
+def test_serve_on_all_interfaces_without_a_token_warns(tmp_path):
+    server = subprocess.Popen([LORA_HUB, "serve", "--root", str(tmp_path / "root"), "--host", "0.0.0.0", "--port", "0"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        port = server.stdout.readline().split(" at ")[1].split()[0].rsplit(":", 1)[1]
+    finally:
+        server.send_signal(signal.SIGINT)
+        _, err = server.communicate(timeout=30)
+    want = (f"warning: 0.0.0.0 is reachable from other machines and there is no --token: anyone who can reach port "
+            f"{port} can push to every repo and read the private ones; set LORA_HUB_TOKEN (or --token)")
+    assert err.splitlines()[:1] == [want], err
 
 
 def test_serve_refuses_an_empty_token(tmp_path):
@@ -176,12 +203,12 @@ def test_merge_and_argument_errors_are_labelled(tmp_path):
 
 
 def test_user_text_is_printed_verbatim(hub_server, tmp_path):
-    """Commit messages, paths and specs are the user's text, not rich markup: brackets print as typed."""
+    """Commit messages, paths and specs are the user's text, not rich markup: brackets and :emoji: codes print as typed."""
     repo = f"me/cli-{uuid.uuid4().hex[:6]}"
     saved_adapter(tmp_path / "adapter")
-    run("push", tmp_path / "adapter", repo, "-m", "[/]a [b]c[/b]")
-    assert "[/]a [b]c[/b]" in run("versions", repo).stdout
-    target = tmp_path / "exp[lr=1e-4]" / "[red]out"
+    run("push", tmp_path / "adapter", repo, "-m", "[/]a [b]c[/b] :bug:")
+    assert "[/]a [b]c[/b] :bug:" in run("versions", repo).stdout
+    target = tmp_path / "exp[lr=1e-4]" / "[red]out:thumbs_up:"
     assert run("pull", repo, "--to", target).stdout.strip() == str(target)
     one_line_error(run("pull", f"{repo}@[/]1", code=2), r"'\[/\]1' is not a version or range")
 
@@ -191,10 +218,16 @@ def test_user_text_is_printed_verbatim(hub_server, tmp_path):
     (["frob"], r"^error: No such command 'frob'; see `lora-hub --help`$"),
     (["pull", "me/a", "--too", "x"], r"^error: No such option: --too \(Possible options: --to\); see `lora-hub pull --help`$"),
     (["serve", "--port", "abc"], r"^error: Invalid value for '--port': .*; see `lora-hub serve --help`$"),
+    (["serve", "--port", "99999"], r"^error: Invalid value for '--port': .*65535; see `lora-hub serve --help`$"),
 ])
 def test_usage_errors_are_one_line(args, pattern):
     """Click's own errors (before a verb runs) end like the verbs' errors: one line, exit code 2."""
     one_line_error(run(*args, code=2), pattern)
+
+
+def test_version_and_exit_codes_in_help():
+    assert run("--version").stdout == f"lora-hub {lightning_lora.__version__}\n"
+    assert "Exit status: 0 done; 1 failed" in " ".join(run("--help").stdout.split())
 
 
 def test_a_file_given_for_a_folder_is_named(hub_server, tmp_path, monkeypatch):
@@ -227,6 +260,17 @@ def test_serve_on_a_port_in_use_says_so(tmp_path):
                            r"--port \(0: any free one\) or --host$")
 
 
+def test_merge_into_the_current_empty_folder(tmp_path, monkeypatch):
+    """`--out .` in an empty folder (or an empty mount point) is filled; renaming over it failed after the merge."""
+    saved_adapter(tmp_path / "adapter")
+    tiny_gpt2().save_pretrained(tmp_path / "base")
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    assert "merged into ." in run("merge", tmp_path / "adapter", "--base", tmp_path / "base", "--out", ".").stdout
+    assert sorted(p.name for p in (tmp_path / "here").iterdir()) == [
+        "config.json", "generation_config.json", "model.safetensors"]
+
+
 def test_out_that_is_a_file_is_refused(tmp_path):
     saved_adapter(tmp_path / "adapter")
     tiny_gpt2().save_pretrained(tmp_path / "base")
@@ -235,3 +279,46 @@ def test_out_that_is_a_file_is_refused(tmp_path):
         result = run(*args, "--out", tmp_path / "taken", code=1)
         one_line_error(result, r"taken already exists and is a file; choose another --out or delete it$")
     assert (tmp_path / "taken").read_text() == "mine"
+
+
+def test_a_failed_pull_leaves_the_earlier_version_whole(hub_server, published, tmp_path):
+    """Pulling 1.0.1 over 1.0.0 fails at the weights (here a folder stands in their place): the config stays
+    1.0.0's, not 1.0.1's beside 1.0.0's weights."""
+    repo, _ = published
+    saved_adapter(tmp_path / "r8", r=8)
+    run("push", tmp_path / "r8", repo)
+    run("pull", f"{repo}@1.0.0", "--to", tmp_path / "x")
+    (tmp_path / "x" / "adapter_model.safetensors").unlink()
+    (tmp_path / "x" / "adapter_model.safetensors").mkdir()
+    one_line_error(run("pull", f"{repo}@1.0.1", "--to", tmp_path / "x", code=1), r"^error: Is a directory: ")
+    assert '"r": 4' in (tmp_path / "x" / "adapter_config.json").read_text()
+    assert not list((tmp_path / "x").glob(".*.tmp"))
+
+
+def test_to_that_is_a_file_is_refused(hub_server, published, tmp_path):
+    repo, _ = published
+    (tmp_path / "taken").write_text("mine")
+    result = run("pull", repo, "--to", tmp_path / "taken", code=1)
+    one_line_error(result, r"^error: .*taken already exists and is a file; choose another --to \(a folder\) or delete it$")
+    assert (tmp_path / "taken").read_text() == "mine"
+    assert not any((tmp_path / "hf-home").rglob("*.safetensors")), "downloaded before refusing"
+
+
+def test_merge_checks_its_arguments_before_downloading(hub_server, published, tmp_path):
+    """A taken --out or a wrong --dtype is refused before the adapter and the base (gigabytes, for a real base)
+    are downloaded, not after."""
+    repo, _ = published
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "mine.txt").write_text("mine")
+    for options, pattern in ((["--out", tmp_path / "taken"], r"taken already exists and is not empty"),
+                             (["--out", tmp_path / "m", "--dtype", "fp16"], r"dtype 'fp16' is not supported")):
+        one_line_error(run("merge", f"{repo}@1.0.0", "--base", "me/some-base", *options, code=1), pattern)
+    assert not any((tmp_path / "hf-home").rglob("*.safetensors")), "something was downloaded"
+
+
+def test_a_png_that_cannot_be_written_is_named(tmp_path):
+    """The error names the --png the user gave, not the temporary file written beside it."""
+    saved_adapter(tmp_path / "adapter")
+    (tmp_path / "phi.png").mkdir()
+    result = run("compare", tmp_path / "adapter", tmp_path / "adapter", "--png", tmp_path / "phi.png", code=1)
+    one_line_error(result, rf"^error: Is a directory: {tmp_path / 'phi.png'}$")
