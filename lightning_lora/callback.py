@@ -666,12 +666,7 @@ def _check_averaging_order(trainer: pl.Trainer, callback: LoRACallback) -> None:
     """Lightning's WeightAveraging (EMA, SWA) copies the module in its own `setup`: listed before LoRACallback, it
     copies the model without the adapter, and its first update fails on mismatched shapes, or its average misses
     the LoRA weights."""
-    try:
-        from lightning.pytorch.callbacks import WeightAveraging  # Lightning >= 2.6
-    except ImportError:
-        return
-    before = trainer.callbacks[:trainer.callbacks.index(callback)]
-    early = next((cb for cb in before if isinstance(cb, WeightAveraging)), None)
+    early = _weight_averaging(trainer.callbacks[:trainer.callbacks.index(callback)])
     if early is not None:
         raise ConfigError(f"{type(early).__name__} is listed before LoRACallback in Trainer(callbacks=[...]): it "
                           f"copies the model in its setup, before LoRA is injected, so its average would lack the "
@@ -724,13 +719,17 @@ def _averaged_module(trainer: pl.Trainer) -> nn.Module | None:
     Its checkpoints hold that copy's weights as the model's (the live ones go to ``current_model_state``) and it
     copies them into the module when training ends, so the exports must carry them too. (Lightning keeps the copy
     in the private ``_average_model``, an ``AveragedModel`` whose ``module`` holds the injected adapter.)"""
+    average = getattr(_weight_averaging(trainer.callbacks), "_average_model", None)
+    return average.module if average is not None else None
+
+
+def _weight_averaging(callbacks: list[Callback]) -> Callback | None:
+    """The first of Lightning's WeightAveraging callbacks (EMA, SWA; Lightning >= 2.6) among `callbacks`."""
     try:
-        from lightning.pytorch.callbacks import WeightAveraging  # Lightning >= 2.6
+        from lightning.pytorch.callbacks import WeightAveraging
     except ImportError:
         return None
-    averaging = next((cb for cb in trainer.callbacks if isinstance(cb, WeightAveraging)), None)
-    average = getattr(averaging, "_average_model", None)
-    return average.module if average is not None else None
+    return next((cb for cb in callbacks if isinstance(cb, WeightAveraging)), None)
 
 
 def _check_sharded_injection(pl_module: nn.Module) -> None:
