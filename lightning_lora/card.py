@@ -101,6 +101,7 @@ def _config_rows(config: LoRAConfig, info: AdapterInfo | None) -> list[tuple[str
     ]
     optional = {
         "modules_to_save": ", ".join(config.modules_to_save or []), "use_rslora": config.use_rslora,
+        "use_dora": config.use_dora, "quantize": config.quantize, "quant_backend": config.quant_backend,
         "rank_pattern": config.rank_pattern, "alpha_pattern": config.alpha_pattern, "task_type": config.task_type,
     }
     rows += [(k, v if isinstance(v, str) else json.dumps(v)) for k, v in optional.items() if v]

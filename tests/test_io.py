@@ -350,6 +350,19 @@ def test_card_usage_names_the_class_that_loads_the_base(adapter_path):
     assert "from transformers" not in card and "`lora-hub pull me/p`, then load it onto the model" in card
 
 
+def test_card_names_dora_and_nf4(adapter_path):
+    """DoRA changes what the adapter computes (and which readers load it), NF4 what base it was trained on: the
+    card's config table says both, from a saved adapter and from the callback's live config."""
+    from lightning_lora import render_card
+
+    model = tiny_gpt2()
+    inject(model, LoRAConfig(r=2, target_modules=["c_attn"], use_dora=True))
+    card = render_card(validate_adapter(save_adapter(model, adapter_path)))
+    assert "| use_dora | true |" in card
+    card = render_card(LoRAConfig(r=2, target_modules=["c_attn"], quantize="nf4", quant_backend="torchao"))
+    assert "| quantize | nf4 |" in card and "| quant_backend | torchao |" in card and "use_dora" not in card
+
+
 @pytest.mark.parametrize(("base", "hub_id"), [("org/base-1.5", True), ("/models/llama", False),
                                               ("./models/llama", False), ("~/models/llama", False)])
 def test_card_metadata_names_only_a_hub_base(adapter_path, base, hub_id):
