@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from . import quant
 from .config import (
     DEFAULT_TARGETS,
     PEFT_HEADS,
@@ -282,7 +283,7 @@ def unload(model: nn.Module) -> nn.Module:
     for path, layer in list(lora_layers(model)):
         if not layer.merged_adapters:
             layer.merge()
-        _replace(model, path, layer.base_layer)
+        _replace(model, path, quant.original_class(layer.base_layer))
     if hasattr(model, _REGISTRY):
         del model._lora_configs
     return model

@@ -85,15 +85,14 @@ def quantize(linear_layer: nn.Module, backend: str, compute_dtype: torch.dtype =
     problem = _unquantizable(linear_layer, backend)
     if problem:
         raise ValueError(f"cannot quantize this {type(linear_layer).__name__} with {backend}: {problem}")
-    weight = linear_layer.weight.detach()
-    weight = weight.t() if not isinstance(linear_layer, nn.Linear) else weight  # Conv1D stores [in, out]
-    weight = weight.to(compute_dtype).contiguous()
+    weight = _out_in(linear_layer).to(compute_dtype).contiguous()
     bias = linear_layer.bias
     if backend == "torchao":
         module = NF4Linear(_to_nf4(weight), bias, compute_dtype)
     else:
         module = _bnb_linear4bit(weight, bias, compute_dtype)
     module.dense_dtype = linear_layer.weight.dtype
+    module.from_conv1d = not isinstance(linear_layer, nn.Linear)
     return module
 
 
@@ -140,7 +139,23 @@ def dequantize_module(module: nn.Module, dtype: torch.dtype | None = None) -> nn
     dense = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
     dense.weight = nn.Parameter(weight, requires_grad=False)
     dense.bias = module.bias
+    dense.from_conv1d = getattr(module, "from_conv1d", False)
     return dense.to(dtype or dense_dtype(module))
+
+
+def original_class(dense: nn.Module) -> nn.Module:
+    """A layer `dequantize_module` made from a GPT-2 ``Conv1D`` as a ``Conv1D`` again (weight stored
+    ``[in, out]``, same bias object), so that an unloaded model saves and loads as its transformers class;
+    any other layer as it is."""
+    if not getattr(dense, "from_conv1d", False):
+        return dense
+    from transformers.pytorch_utils import Conv1D
+
+    with torch.device("meta"):
+        layer = Conv1D(dense.out_features, dense.in_features)
+    layer.weight = nn.Parameter(dense.weight.detach().t().contiguous(), requires_grad=dense.weight.requires_grad)
+    layer.bias = dense.bias
+    return layer
 
 
 def dense_dtype(module: nn.Module) -> torch.dtype:
@@ -169,7 +184,8 @@ def quantize_model(model: nn.Module, config: LoRAConfig) -> list[str]:
 
 def unload_quantized(model: nn.Module, requantize: bool = False) -> dict[str, float]:
     """`inject.unload` for a QLoRA model: each 4-bit base is dequantized to fp32, the adapter merged into it
-    exactly, and the result exported in the layer's `dense_dtype`, or as 4-bit again with `requantize`.
+    exactly, and the result exported in the layer's `dense_dtype` and original class (``nn.Linear`` or GPT-2's
+    ``Conv1D``: the model saves and loads as its transformers class), or as 4-bit again with `requantize`.
 
     Returns, per adapted 4-bit layer, the relative error of the exported weight against the unmerged model's
     effective weight ``W = dequantize(W0) + delta`` (DoRA: its merged form): ``||W_out - W||_F / ||W||_F``,
@@ -187,12 +203,18 @@ def unload_quantized(model: nn.Module, requantize: bool = False) -> dict[str, fl
     errors = {}
     for path, (backend, compute_dtype, dtype) in plan.items():
         dense = model.get_submodule(path)
-        exact = dense.weight.detach().clone()
+        exact = _out_in(dense).clone()
         out = quantize(dense, backend, compute_dtype) if requantize else dense.to(dtype)
-        got = dequantize(out) if requantize else out.weight
+        got = dequantize(out) if requantize else _out_in(out)
         errors[path] = float((got.float() - exact).norm() / exact.norm().clamp_min(1e-30))
         _replace(model, path, out)
     return errors
+
+
+def _out_in(layer: nn.Module) -> torch.Tensor:
+    """The ``[out, in]`` weight of an ``nn.Linear`` or a GPT-2 ``Conv1D`` (which stores ``[in, out]``)."""
+    weight = layer.weight.detach()
+    return weight if isinstance(layer, nn.Linear) else weight.t()
 
 
 def keep_unpacked(module: nn.Module) -> None:

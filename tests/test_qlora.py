@@ -112,6 +112,28 @@ def test_qlora_trains_then_merges_dense_or_requantized(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("how", ["unload", "unload_quantized"])
+def test_dense_export_of_gpt2_gives_back_conv1d_and_reloads_in_transformers(backend, how, tmp_path):
+    """GPT-2's Conv1D stores [in, out]; its 4-bit base is [out, in]. The dense export is a Conv1D again, so
+    save_pretrained writes weights that GPT2LMHeadModel loads (an nn.Linear there was a shape mismatch)."""
+    from helpers import tiny_gpt2
+    from transformers import GPT2LMHeadModel
+    from transformers.pytorch_utils import Conv1D
+
+    model, batch = tiny_gpt2(), token_batch()
+    inject(model, LoRAConfig(r=4, target_modules=["c_attn", "c_fc"], quantize="nf4", quant_backend=backend,
+                             use_dora=True))
+    for layer in model.modules():
+        if isinstance(layer, LoRALayer):
+            nn.init.normal_(layer.lora_B["default"], std=0.1)  # a trained adapter
+    want = model_output(model, batch)
+    {"unload": unload, "unload_quantized": quant.unload_quantized}[how](model)
+    assert type(model.transformer.h[0].attn.c_attn) is Conv1D
+    model.save_pretrained(tmp_path)
+    assert torch.allclose(model_output(GPT2LMHeadModel.from_pretrained(tmp_path), batch), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("how", ["merge", "unload", "unload_quantized"])
 def test_bf16_compute_merges_into_layers_of_the_models_dtype(backend, how):
     """An fp32 model computing its 4-bit layers in bf16 takes and returns fp32 there: the merged dense layers
