@@ -174,6 +174,16 @@ def test_load_lora_checkpoint_helper(tmp_path):
     torch.save(plain, tmp_path / "broken.ckpt")
     with pytest.raises(RuntimeError, match=r"Missing key\(s\).*lora_B"):
         load_lora_checkpoint(CausalLM(), tmp_path / "broken.ckpt")
+    # hostile or corrupt files: a clear error naming the file, never a pickle load
+    plain["state_dict"][next(iter(plain["state_dict"]))] = 3
+    for name, content, message in (("record", plain | {"lightning_lora": [1]}, r"record .* is malformed"),
+                                   ("state", plain, r"state_dict of tensors is malformed"),
+                                   ("pickle", plain | {"extra": EarlyOptimizer}, r"refused it \(it holds a .*EarlyOpt"),
+                                   ("garbage", None, r"torch.load\(weights_only=True\) refused it")):
+        path = tmp_path / f"{name}.ckpt"
+        torch.save(content, path) if content is not None else path.write_bytes(b"not a checkpoint")
+        with pytest.raises(ConfigError, match=rf"{name}\.ckpt.*{message}"):
+            load_lora_checkpoint(CausalLM(), path)
 
 
 class EarlyOptimizer(CausalLM):
