@@ -271,7 +271,7 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, dict], dict[str, str
     if not isinstance(header, dict):
         raise AdapterError(f"{path}: the safetensors header is not a JSON object (corrupt file)")
     metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise AdapterError(f"{path}: the header's __metadata__ must be a JSON object of strings (corrupt file)")
     spans = []
     for key, entry in header.items():

@@ -171,6 +171,8 @@ CORPUS: dict[str, tuple[Callable[[Path], None], str]] = {
                          r"invalid shape or offsets|malformed"),
     "metadata-not-a-dict": (_edit_header(lambda h: h.__setitem__("__metadata__", [1, 2])),
                             r"__metadata__ must be a JSON object of strings"),
+    "metadata-not-strings": (_edit_header(lambda h: h.__setitem__("__metadata__", {"format": {"pt": 1}})),
+                             r"__metadata__ must be a JSON object of strings"),
     "scalar-lora-tensor": (_edit_header(_scalar_shape), r"a LoRA factor of shape \[\[\], \[96, 4\]\] is not a matrix"),
     "int-dtype": (_edit_header(lambda h: h[A0].__setitem__("dtype", "I32")),
                   r"has dtype I32; adapters hold float tensors only"),
