@@ -293,8 +293,8 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, dict], dict[str, str
         raise AdapterError(f"{path}: data section is {size - 8 - n} bytes but the header describes "
                            f"{max(e for _, e in spans)} (truncated or corrupt file)")
     spans.sort()
-    if any(b < e_prev for (_, e_prev), (b, _) in itertools.pairwise(spans)):
-        raise AdapterError(f"{path}: tensors overlap in the data section (corrupt file)")
+    if spans and (spans[0][0] != 0 or any(b != e_prev for (_, e_prev), (b, _) in itertools.pairwise(spans))):
+        raise AdapterError(f"{path}: tensors overlap or leave gaps in the data section (corrupt file)")
     return header, {str(k): str(v) for k, v in metadata.items()}
 
 

@@ -138,12 +138,16 @@ def _shift_offsets(h: dict) -> None:
     h[A0]["data_offsets"] = [begin + 4, end]
 
 
+def _gap(d: Path) -> None:
+    _, header, data = _raw(d)
+    for key, entry in header.items():
+        if key != "__metadata__":
+            entry["data_offsets"] = [offset + 8 for offset in entry["data_offsets"]]
+    _write_raw(d, header, bytes(8) + data)
+
+
 def _malformed(h: dict) -> None:
     h[A0]["shape"] = 7
-
-
-def _scalar_shape(h: dict) -> None:
-    h[A0] = {"dtype": "F32", "shape": [], "data_offsets": [0, 4]}
 
 
 def _deep_json(d: Path) -> None:
@@ -164,6 +168,7 @@ CORPUS: dict[str, tuple[Callable[[Path], None], str]] = {
     "header-is-a-list": (lambda d: _write_raw(d, [1, 2], _raw(d)[2]), r"header is not a JSON object"),
     "offsets-lie-about-size": (_edit_header(_shift_offsets), r"offsets span \d+ bytes, shape needs \d+"),
     "offsets-overlap": (_edit_header(_overlap), r"overlap|data section is \d+ bytes"),
+    "gap-in-data": (_gap, r"tensors overlap or leave gaps in the data section"),
     "trailing-garbage": (lambda d: (d / WEIGHTS).write_bytes((d / WEIGHTS).read_bytes() + b"junk"),
                          r"data section is \d+ bytes but the header describes \d+"),
     "malformed-entry": (_edit_header(_malformed), rf"tensor '{A0}' has (a malformed header entry|an invalid shape)"),
@@ -173,7 +178,8 @@ CORPUS: dict[str, tuple[Callable[[Path], None], str]] = {
                             r"__metadata__ must be a JSON object of strings"),
     "metadata-not-strings": (_edit_header(lambda h: h.__setitem__("__metadata__", {"format": {"pt": 1}})),
                              r"__metadata__ must be a JSON object of strings"),
-    "scalar-lora-tensor": (_edit_header(_scalar_shape), r"a LoRA factor of shape \[\[\], \[96, 4\]\] is not a matrix"),
+    "scalar-lora-tensor": (_edit_tensors(_set(A0, torch.tensor(1.0))),
+                           r"a LoRA factor of shape \[\[\], \[96, 4\]\] is not a matrix"),
     "int-dtype": (_edit_header(lambda h: h[A0].__setitem__("dtype", "I32")),
                   r"has dtype I32; adapters hold float tensors only"),
     "bool-dtype": (_edit_header(lambda h: h[B0].__setitem__("dtype", "BOOL")), r"has dtype BOOL"),
