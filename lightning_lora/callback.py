@@ -440,9 +440,9 @@ def _lora_checkpoint(data: bytes, ckpt_path: Any, module: Any) -> tuple[dict, di
     except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
         needs = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
         raise ConfigError(f"{ckpt_path} is not a checkpoint of tensors and plain data, as LoRACallback writes: "
-                          f"torch.load(weights_only=True) refused it{f' (it holds a {needs[1]})' if needs else ''}. It is "
-                          f"corrupt or was written by something else; loading it with weights_only=False runs any "
-                          f"code it holds, so do that only for a file from a trusted source") from err
+                          f"torch.load(weights_only=True) refused it{f' (it holds a {needs[1]})' if needs else ''}. "
+                          f"It is corrupt or was written by something else; loading it with weights_only=False runs "
+                          f"any code it holds, so do that only for a file from a trusted source") from err
     record = checkpoint.get(RECORD_KEY) if isinstance(checkpoint, dict) else None
     if record is None:
         raise ConfigError(f"{ckpt_path} holds no {RECORD_KEY!r} record: it was not written by LoRACallback; "
