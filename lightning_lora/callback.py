@@ -335,8 +335,8 @@ class LoRACallback(Callback):
         # so a checkpoint of another config or base is refused here with a clear message.
         if RECORD_KEY in checkpoint:
             where = getattr(pl_module._trainer, "ckpt_path", None) or "the checkpoint"
-            _check_record(checkpoint[RECORD_KEY], self.resolved_config(pl_module), fingerprint(self._target(pl_module)),
-                          where)
+            _check_record(_checked_record(checkpoint[RECORD_KEY], where), self.resolved_config(pl_module),
+                          fingerprint(self._target(pl_module)), where)
             if isinstance(pl_module.trainer.strategy, ModelParallelStrategy) and "state_dict" not in checkpoint:
                 _check_lora_keys(where, pl_module)  # it has loaded (not strictly) and dropped the state dict
 
@@ -447,14 +447,21 @@ def _lora_checkpoint(data: bytes, ckpt_path: Any, module: Any) -> tuple[dict, di
     if record is None:
         raise ConfigError(f"{ckpt_path} holds no {RECORD_KEY!r} record: it was not written by LoRACallback; "
                           f"use {getattr(module, '__name__', 'the module')}.load_from_checkpoint instead")
+    record = _checked_record(record, ckpt_path)
     state_dict = checkpoint.get("state_dict")
-    if not (isinstance(record, dict) and isinstance(record.get("config"), dict)
-            and "model_attr" in record
-            and isinstance(record["model_attr"], (str, type(None))) and isinstance(state_dict, dict)
-            and all(isinstance(v, torch.Tensor) for v in state_dict.values())):
-        raise ConfigError(f"{ckpt_path}: its {RECORD_KEY!r} record (config, model_attr) or its state_dict of "
-                          f"tensors is malformed: the file is corrupt or was not written by LoRACallback")
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise ConfigError(f"{ckpt_path}: its state_dict is not a dict of tensors: the file is corrupt or was not "
+                          f"written by LoRACallback")
     return checkpoint, record
+
+
+def _checked_record(record: Any, ckpt_path: Any) -> dict[str, Any]:
+    """`record`, a checkpoint's RECORD_KEY entry, if it has the shape LoRACallback writes; else ConfigError."""
+    if not (isinstance(record, dict) and isinstance(record.get("config"), dict) and "model_attr" in record
+            and isinstance(record["model_attr"], (str, type(None)))):
+        raise ConfigError(f"{ckpt_path}: its {RECORD_KEY!r} record (config, model_attr) is malformed: the file "
+                          f"is corrupt or was not written by LoRACallback")
+    return record
 
 
 class _IgnoreFrozenMissing:
