@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import io as _bytes_io
+import pickle
+import re
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -333,8 +335,8 @@ class LoRACallback(Callback):
         # so a checkpoint of another config or base is refused here with a clear message.
         if RECORD_KEY in checkpoint:
             where = getattr(pl_module._trainer, "ckpt_path", None) or "the checkpoint"
-            _check_record(checkpoint[RECORD_KEY], self.resolved_config(pl_module), fingerprint(self._target(pl_module)),
-                          where)
+            _check_record(_checked_record(checkpoint[RECORD_KEY], where), self.resolved_config(pl_module),
+                          fingerprint(self._target(pl_module)), where)
             if isinstance(pl_module.trainer.strategy, ModelParallelStrategy) and "state_dict" not in checkpoint:
                 _check_lora_keys(where, pl_module)  # it has loaded (not strictly) and dropped the state dict
 
@@ -413,11 +415,7 @@ def load_lora_checkpoint(module: nn.Module | type[pl.LightningModule], ckpt_path
         model = load_lora_checkpoint(MyModule, "checkpoints/epoch=2-step=300.ckpt")
     """
     data = Path(ckpt_path).expanduser().read_bytes()  # read once: a LightningModule class is built from them too
-    checkpoint = torch.load(_bytes_io.BytesIO(data), map_location="cpu", weights_only=True)
-    record = checkpoint.get(RECORD_KEY)
-    if record is None:
-        raise ConfigError(f"{ckpt_path} holds no {RECORD_KEY!r} record: it was not written by LoRACallback; "
-                          f"use {getattr(module, '__name__', 'the module')}.load_from_checkpoint instead")
+    checkpoint, record = _lora_checkpoint(data, ckpt_path, module)
     if isinstance(module, type):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Found keys that are")  # the LoRA keys, loaded below
@@ -433,6 +431,39 @@ def load_lora_checkpoint(module: nn.Module | type[pl.LightningModule], ckpt_path
 
 
 # -- helpers -----------------------------------------------------------------------------------------------
+def _lora_checkpoint(data: bytes, ckpt_path: Any, module: Any) -> tuple[dict, dict]:
+    """The checkpoint in `data` and its LoRACallback record, both checked for shape before anything uses them:
+    ConfigError naming `ckpt_path` for a file that is not one. A file needing more than ``weights_only`` (a
+    pickle of arbitrary objects) is refused, never unpickled: it can run code."""
+    try:
+        checkpoint = torch.load(_bytes_io.BytesIO(data), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+        needs = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        raise ConfigError(f"{ckpt_path} is not a checkpoint of tensors and plain data, as LoRACallback writes: "
+                          f"torch.load(weights_only=True) refused it{f' (it holds a {needs[1]})' if needs else ''}. "
+                          f"It is corrupt or was written by something else; loading it with weights_only=False runs "
+                          f"any code it holds, so do that only for a file from a trusted source") from err
+    record = checkpoint.get(RECORD_KEY) if isinstance(checkpoint, dict) else None
+    if record is None:
+        raise ConfigError(f"{ckpt_path} holds no {RECORD_KEY!r} record: it was not written by LoRACallback; "
+                          f"use {getattr(module, '__name__', 'the module')}.load_from_checkpoint instead")
+    record = _checked_record(record, ckpt_path)
+    state_dict = checkpoint.get("state_dict")
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise ConfigError(f"{ckpt_path}: its state_dict is not a dict of tensors: the file is corrupt or was not "
+                          f"written by LoRACallback")
+    return checkpoint, record
+
+
+def _checked_record(record: Any, ckpt_path: Any) -> dict[str, Any]:
+    """`record`, a checkpoint's RECORD_KEY entry, if it has the shape LoRACallback writes; else ConfigError."""
+    if not (isinstance(record, dict) and isinstance(record.get("config"), dict) and "model_attr" in record
+            and isinstance(record["model_attr"], (str, type(None)))):
+        raise ConfigError(f"{ckpt_path}: its {RECORD_KEY!r} record (config, model_attr) is malformed: the file "
+                          f"is corrupt or was not written by LoRACallback")
+    return record
+
+
 class _IgnoreFrozenMissing:
     """``load_state_dict`` post-hook: an adapter-only state dict lacks the frozen tensors, so their names are
     dropped from ``missing_keys``; a missing trainable (LoRA) key still fails a strict load. A class, not a

@@ -171,8 +171,10 @@ class LoRAConfig:
             if not isinstance(pattern, dict) or not all(isinstance(k, str) for k in pattern):
                 raise ConfigError(f"{name} must map module names to numbers, got {pattern!r}")
         for key, value in self.rank_pattern.items():
+            _check_regex(f"rank_pattern key {key!r}", key)
             _check_rank(f"rank_pattern[{key!r}]", value)
         for key, value in self.alpha_pattern.items():
+            _check_regex(f"alpha_pattern key {key!r}", key)
             _check_alpha(f"alpha_pattern[{key!r}]", value)
         self.alpha = float(self.alpha)
         self.dropout = float(self.dropout)
@@ -185,6 +187,8 @@ class LoRAConfig:
         names = pattern if isinstance(pattern, list) else [pattern]
         if pattern is not None and not all(isinstance(n, str) and n for n in names):
             raise ConfigError(f"layers_pattern must be a module name or a list of them, got {pattern!r}")
+        for name in names if pattern is not None else ():  # PEFT reads them as regexes too
+            _check_regex(f"layers_pattern {name!r}", name)
         if pattern and layers is None:
             raise ConfigError("layers_pattern only says where the layer index is: set layers_to_transform too")
         if layers is not None and isinstance(self.target_modules, str):
@@ -369,6 +373,14 @@ def _check_alpha(name: str, value: Any) -> None:
         raise ConfigError(f"{name} must be a positive number (e.g. 16), got {value!r}")
 
 
+def _check_regex(what: str, value: str) -> None:
+    """ConfigError unless `value` (`what`, matched as a regex against module paths) compiles."""
+    try:
+        re.compile(value)
+    except re.error as err:
+        raise ConfigError(f"{what} is not a valid regular expression: {err}") from None
+
+
 def _names_or_regex(name: str, value: Any) -> list[str] | str | None:
     if value is None:
         return None
@@ -377,10 +389,7 @@ def _names_or_regex(name: str, value: Any) -> list[str] | str | None:
             return "all-linear"
         if re.sub(r"[\s_]+", "-", value.strip().lower()) == "all-linear":
             raise ConfigError(f"{name}={value!r} is not a keyword (it would be a regex matching nothing): write 'all-linear'")
-        try:
-            re.compile(value)
-        except re.error as err:
-            raise ConfigError(f"{name}={value!r} is not a valid regular expression: {err}") from None
+        _check_regex(f"{name}={value!r}", value)
         return value
     if isinstance(value, (list, tuple, set)) and all(isinstance(v, str) and v for v in value):
         if not value:

@@ -271,7 +271,7 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, dict], dict[str, str
     if not isinstance(header, dict):
         raise AdapterError(f"{path}: the safetensors header is not a JSON object (corrupt file)")
     metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise AdapterError(f"{path}: the header's __metadata__ must be a JSON object of strings (corrupt file)")
     spans = []
     for key, entry in header.items():
@@ -293,8 +293,8 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, dict], dict[str, str
         raise AdapterError(f"{path}: data section is {size - 8 - n} bytes but the header describes "
                            f"{max(e for _, e in spans)} (truncated or corrupt file)")
     spans.sort()
-    if any(b < e_prev for (_, e_prev), (b, _) in itertools.pairwise(spans)):
-        raise AdapterError(f"{path}: tensors overlap in the data section (corrupt file)")
+    if spans and (spans[0][0] != 0 or any(b != e_prev for (_, e_prev), (b, _) in itertools.pairwise(spans))):
+        raise AdapterError(f"{path}: tensors overlap or leave gaps in the data section (corrupt file)")
     return header, {str(k): str(v) for k, v in metadata.items()}
 
 

@@ -138,12 +138,16 @@ def _shift_offsets(h: dict) -> None:
     h[A0]["data_offsets"] = [begin + 4, end]
 
 
+def _gap(d: Path) -> None:
+    _, header, data = _raw(d)
+    for key, entry in header.items():
+        if key != "__metadata__":
+            entry["data_offsets"] = [offset + 8 for offset in entry["data_offsets"]]
+    _write_raw(d, header, bytes(8) + data)
+
+
 def _malformed(h: dict) -> None:
     h[A0]["shape"] = 7
-
-
-def _scalar_shape(h: dict) -> None:
-    h[A0] = {"dtype": "F32", "shape": [], "data_offsets": [0, 4]}
 
 
 def _deep_json(d: Path) -> None:
@@ -164,6 +168,7 @@ CORPUS: dict[str, tuple[Callable[[Path], None], str]] = {
     "header-is-a-list": (lambda d: _write_raw(d, [1, 2], _raw(d)[2]), r"header is not a JSON object"),
     "offsets-lie-about-size": (_edit_header(_shift_offsets), r"offsets span \d+ bytes, shape needs \d+"),
     "offsets-overlap": (_edit_header(_overlap), r"overlap|data section is \d+ bytes"),
+    "gap-in-data": (_gap, r"tensors overlap or leave gaps in the data section"),
     "trailing-garbage": (lambda d: (d / WEIGHTS).write_bytes((d / WEIGHTS).read_bytes() + b"junk"),
                          r"data section is \d+ bytes but the header describes \d+"),
     "malformed-entry": (_edit_header(_malformed), rf"tensor '{A0}' has (a malformed header entry|an invalid shape)"),
@@ -171,7 +176,10 @@ CORPUS: dict[str, tuple[Callable[[Path], None], str]] = {
                          r"invalid shape or offsets|malformed"),
     "metadata-not-a-dict": (_edit_header(lambda h: h.__setitem__("__metadata__", [1, 2])),
                             r"__metadata__ must be a JSON object of strings"),
-    "scalar-lora-tensor": (_edit_header(_scalar_shape), r"a LoRA factor of shape \[\[\], \[96, 4\]\] is not a matrix"),
+    "metadata-not-strings": (_edit_header(lambda h: h.__setitem__("__metadata__", {"format": {"pt": 1}})),
+                             r"__metadata__ must be a JSON object of strings"),
+    "scalar-lora-tensor": (_edit_tensors(_set(A0, torch.tensor(1.0))),
+                           r"a LoRA factor of shape \[\[\], \[96, 4\]\] is not a matrix"),
     "int-dtype": (_edit_header(lambda h: h[A0].__setitem__("dtype", "I32")),
                   r"has dtype I32; adapters hold float tensors only"),
     "bool-dtype": (_edit_header(lambda h: h[B0].__setitem__("dtype", "BOOL")), r"has dtype BOOL"),
@@ -227,6 +235,12 @@ CORPUS: dict[str, tuple[Callable[[Path], None], str]] = {
     "rank-pattern-list": (_edit_config(_set("rank_pattern", [1])), r"rank_pattern must map module names"),
     "rank-pattern-zero": (_edit_config(_set("rank_pattern", {"c_attn": 0})),
                           r"rank_pattern\['c_attn'\] must be a positive integer"),
+    "rank-pattern-bad-regex": (_edit_config(_set("rank_pattern", {"c_attn(": 4})),
+                               r"rank_pattern key 'c_attn\(' is not a valid regular expression"),
+    "alpha-pattern-bad-regex": (_edit_config(_set("alpha_pattern", {"c_attn(": 4})),
+                                r"alpha_pattern key 'c_attn\(' is not a valid regular expression"),
+    "layers-pattern-bad-regex": (_edit_config(lambda c: c.update(layers_to_transform=[0], layers_pattern="h(")),
+                                 r"layers_pattern 'h\(' is not a valid regular expression"),
     "init-pissa": (_edit_config(_set("init_lora_weights", "pissa_niter_4")),
                    r"init_lora_weights='pissa_niter_4': PEFT changed the base weights.*converted to plain LoRA"),
     "init-unknown": (_edit_config(_set("init_lora_weights", "mica")), r"init_lora_weights='mica' is not supported"),

@@ -157,6 +157,11 @@ def test_resume_with_other_config_or_base_fails_clearly(tmp_path):
         trainer.fit(CausalLM(n_embd=64), ckpt_path=ckpt.best_model_path)
     with pytest.raises(ConfigError, match="trained on another base model"):
         load_lora_checkpoint(CausalLM(n_embd=64), ckpt.best_model_path)
+    malformed = torch.load(ckpt.best_model_path, weights_only=True) | {"lightning_lora": [1]}
+    torch.save(malformed, tmp_path / "malformed.ckpt")
+    trainer = L.Trainer(**trainer_kwargs(tmp_path, callbacks=[LoRACallback(r=4, model_attr="model")], max_epochs=2))
+    with pytest.raises(ConfigError, match=r"malformed\.ckpt: its 'lightning_lora' record \(config, model_attr\) is malformed"):
+        trainer.fit(CausalLM(), ckpt_path=tmp_path / "malformed.ckpt")
 
 
 def test_load_lora_checkpoint_helper(tmp_path):
@@ -174,6 +179,16 @@ def test_load_lora_checkpoint_helper(tmp_path):
     torch.save(plain, tmp_path / "broken.ckpt")
     with pytest.raises(RuntimeError, match=r"Missing key\(s\).*lora_B"):
         load_lora_checkpoint(CausalLM(), tmp_path / "broken.ckpt")
+    # hostile or corrupt files: a clear error naming the file, never a pickle load
+    plain["state_dict"][next(iter(plain["state_dict"]))] = 3
+    for name, content, message in (("record", plain | {"lightning_lora": [1]}, r"record .* is malformed"),
+                                   ("state", plain, r"state_dict is not a dict of tensors"),
+                                   ("pickle", plain | {"extra": EarlyOptimizer}, r"refused it \(it holds a .*EarlyOpt"),
+                                   ("garbage", None, r"torch.load\(weights_only=True\) refused it")):
+        path = tmp_path / f"{name}.ckpt"
+        torch.save(content, path) if content is not None else path.write_bytes(b"not a checkpoint")
+        with pytest.raises(ConfigError, match=rf"{name}\.ckpt.*{message}"):
+            load_lora_checkpoint(CausalLM(), path)
 
 
 class EarlyOptimizer(CausalLM):
