@@ -181,10 +181,10 @@ class LoRAConfig:
 
     def _check_layers(self) -> None:
         layers, pattern = self.layers_to_transform, self.layers_pattern
-        indices = layers if isinstance(layers, list) else [layers]
+        indices = _as_list(layers)
         if layers is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in indices):
             raise ConfigError(f"layers_to_transform must be a layer index >= 0 or a list of them, got {layers!r}")
-        names = pattern if isinstance(pattern, list) else [pattern]
+        names = _as_list(pattern)
         if pattern is not None and not all(isinstance(n, str) and n for n in names):
             raise ConfigError(f"layers_pattern must be a module name or a list of them, got {pattern!r}")
         for name in names if pattern is not None else ():  # PEFT reads them as regexes too
@@ -204,11 +204,11 @@ class LoRAConfig:
         if layers is None or layers == []:
             return True
         if pattern:
-            names = pattern if isinstance(pattern, list) else [pattern]
-            found = next(filter(None, (re.match(rf"(?:^|.*?\.){name}\.(\d+)\.", path) for name in names)), None)
+            found = next(filter(None, (re.match(rf"(?:^|.*?\.){name}\.(\d+)\.", path) for name in _as_list(pattern))),
+                         None)
         else:
             found = re.match(r".*?\.[^.]*\.(\d+)\.", path)
-        return found is not None and int(found[1]) in (layers if isinstance(layers, list) else [layers])
+        return found is not None and int(found[1]) in _as_list(layers)
 
     def rank_for(self, path: str) -> int:
         """The rank for the module at `path`: a `rank_pattern` entry if one matches, else `r`."""
@@ -371,6 +371,11 @@ def _check_rank(name: str, value: Any) -> None:
 def _check_alpha(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ConfigError(f"{name} must be a positive number (e.g. 16), got {value!r}")
+
+
+def _as_list(value: Any) -> list:
+    """`value` as PEFT allows it spelled, one item or a list of them, as a list."""
+    return value if isinstance(value, list) else [value]
 
 
 def _check_regex(what: str, value: str) -> None:
